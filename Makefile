@@ -1,0 +1,50 @@
+# ftkit — `make demo` trains the embedded default; `make test` runs the test suite.
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ACCELERATE := $(PY) -m accelerate.commands.launch
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Without a GPU, install the CPU build of torch first (a bare `torch` pulls a multi-GB CUDA build).
+TORCH_CPU_SPEC ?= torch==2.13.0
+# `make train-ddp` runs the 2-GPU DDP config; without GPUs the same two processes use CPU + gloo.
+DDP_CPU_FLAGS := $(if $(HAS_GPU),,--mixed_precision no)
+DDP_CPU_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=true)
+RECIPE_ARGS ?=
+
+.PHONY: install demo test train train-ddp lint format compare-lora bench ablation estimate clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(HAS_GPU),,$(PY) -m pip install -q "$(TORCH_CPU_SPEC)")
+	$(PY) -m pip install -q -e ".[dev,quant]"
+	touch $@
+
+demo: install
+	$(ACCELERATE) --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py $(RECIPE_ARGS)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+train: install
+	$(ACCELERATE) --config_file accelerate_configs/$(if $(HAS_GPU),single_gpu_fp16,cpu).yaml \
+		recipes/alpaca_lora.py $(RECIPE_ARGS)
+
+train-ddp: install
+	$(DDP_CPU_ENV) $(ACCELERATE) --config_file accelerate_configs/ddp_2gpu_fp16.yaml $(DDP_CPU_FLAGS) \
+		recipes/alpaca_lora.py --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,31 @@
+"""Entry points: one clear error line (exit 2) for user mistakes, tracebacks only for bugs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from ftkit.errors import FtkitError
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[], object]) -> int:
+    setup_logging()
+    try:
+        main()
+    except FtkitError as exc:
+        print(f"ftkit error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,237 @@
+"""Recipe configuration: one small dataclass per concern, flat unique field names (TRL style).
+
+A recipe is a YAML file of ``field: value`` pairs; any field can be overridden on the command line as
+``--field value``. Precision and process count are *not* recipe fields: they belong to the Accelerate
+config (``accelerate launch --config_file accelerate_configs/...``), which says *how* to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from ftkit.errors import ConfigError
+
+EMBEDDED_MODEL = "ftkit:tiny-llama"
+EMBEDDED_DATASET = "ftkit:tiny-instructions"
+LORA_IMPLS = ("peft", "ftkit", "none")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load, and how to hold its frozen weights."""
+
+    model_name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "Hub id, local directory, or ftkit:tiny-llama (the embedded default)."},
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": f"dtype of the loaded base weights: {', '.join(MODEL_DTYPES)}."},
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit base."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes 4-bit NF4 base."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward (use_reentrant=False)."}
+    )
+
+    def __post_init__(self):
+        _require(
+            self.model_dtype in MODEL_DTYPES,
+            f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES}",
+        )
+        _require(
+            not (self.load_in_8bit and self.load_in_4bit),
+            "load_in_8bit and load_in_4bit are exclusive: pick one",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Which Alpaca-format records to train on and how to turn them into tokens."""
+
+    dataset: str = field(
+        default=EMBEDDED_DATASET,
+        metadata={"help": "Local .json/.jsonl file, Hub dataset id, or ftkit:tiny-instructions."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    num_samples: int = field(default=0, metadata={"help": "Use the first N records (0 = all)."})
+    validation_size: float = field(
+        default=0.1, metadata={"help": "Held-out fraction (<1) or count (>=1) of the records."}
+    )
+    max_length: int = field(default=256, metadata={"help": "Truncate prompt+response to N tokens."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also train on the prompt tokens (default: mask them)."}
+    )
+    skip_bad_records: bool = field(
+        default=False,
+        metadata={"help": "Skip malformed records (logging their count) instead of failing."},
+    )
+
+    def __post_init__(self):
+        _require(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")
+        _require(self.validation_size >= 0, "validation_size must be >= 0")
+        _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class AdapterConfig:
+    """Which LoRA implementation, where, and how big."""
+
+    lora_impl: str = field(
+        default="peft",
+        metadata={"help": "peft (PEFT's LoRA), ftkit (ftkit's own LoRA) or none (full fine-tune)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scaling = alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names to adapt (default: the q/v projections of the model)."},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)."})
+
+    def __post_init__(self):
+        _require(
+            self.lora_impl in LORA_IMPLS,
+            f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLS}",
+        )
+        _require(self.lora_r > 0, f"lora_r must be > 0, got {self.lora_r}")
+        _require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation schedule and where results go."""
+
+    output_dir: str = field(default="outputs/tiny-llama-lora", metadata={"help": "Artefact dir."})
+    seed: int = field(default=42)
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = use epochs."})
+    num_train_epochs: float = field(default=1.0)
+    per_device_train_batch_size: int = field(default=4)
+    per_device_eval_batch_size: int = field(default=8)
+    gradient_accumulation_steps: int = field(default=1)
+    learning_rate: float = field(default=2e-4)
+    weight_decay: float = field(default=0.0)
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler."})
+    warmup_ratio: float = field(default=0.03)
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip grad norm; 0 disables."})
+    logging_steps: int = field(default=1)
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = at the end)."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = never)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."}
+    )
+
+    def __post_init__(self):
+        _require(self.max_steps != 0, "max_steps must be > 0, or -1 to train by epochs")
+        _require(
+            self.max_steps > 0 or self.num_train_epochs > 0,
+            "set max_steps > 0 or num_train_epochs > 0",
+        )
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _require(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        _require(self.learning_rate > 0, "learning_rate must be > 0")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
+        _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
+
+
+RECIPE_SECTIONS = (ModelConfig, DataConfig, AdapterConfig, TrainConfig)
+
+
+@dataclass
+class Recipe:
+    """Everything one training run needs, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat ``field: value`` mapping a recipe YAML holds."""
+        flat: dict[str, Any] = {}
+        for section in (self.model, self.data, self.adapter, self.train):
+            flat.update(dataclasses.asdict(section))
+        return flat
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
+        """Build from a flat mapping; unknown keys are an error naming the nearest valid ones."""
+        _check_known(values, source)
+        return cls(*HfArgumentParser(RECIPE_SECTIONS).parse_dict(values))
+
+
+def field_names() -> list[str]:
+    return [f.name for section in RECIPE_SECTIONS for f in dataclasses.fields(section)]
+
+
+def _check_known(keys, source: str) -> None:
+    valid = field_names()
+    for key in keys:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise ConfigError(
+                f"unknown field {key!r} in {source}: {hint}valid fields: {', '.join(valid)}"
+            )
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path} (pass --config PATH.yaml, see recipes/)")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of field: value, got {type(values).__name__}")
+    return values
+
+
+def parse_recipe(argv: list[str] | None = None, default_config: str | Path | None = None) -> Recipe:
+    """``[--config X.yaml] [--field value ...]`` → Recipe; command-line values win over the YAML."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = default_config
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ConfigError("--config needs a path to a recipe YAML")
+        config_path = argv[at + 1]
+        del argv[at : at + 2]
+    yaml_values = load_yaml(config_path) if config_path else {}
+    _check_known(yaml_values, str(config_path))
+    _check_known(_flag_names(argv), "the command line")
+
+    parser = HfArgumentParser(RECIPE_SECTIONS)
+    parser.allow_abbrev = False
+    parser.set_defaults(**yaml_values)
+    try:
+        sections = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except SystemExit as exc:  # argparse already printed why; keep one clear failure
+        raise ConfigError(f"invalid command line: {' '.join(argv)}") from exc
+    return Recipe(*sections)
+
+
+def _flag_names(argv: list[str]) -> list[str]:
+    return [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    """Write the resolved recipe; it parses back into the same Recipe."""
+    from ftkit.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -1,0 +1,603 @@
+"""ftkit's own LoRA, numerically interchangeable with PEFT's so either can train, save or load.
+
+``apply_lora`` wraps each targeted ``nn.Linear`` / ``nn.Embedding`` (bitsandbytes ``Linear8bitLt``
+and ``Linear4bit`` are ``nn.Linear`` subclasses, so they are covered without importing
+bitsandbytes) in a ``LoraLinear`` / ``LoraEmbedding`` that holds the frozen layer as
+``base_layer``. Module and parameter names (``lora_A.weight``, ``lora_embedding_A``...), the RNG
+draws at injection and the fp32 arithmetic follow PEFT's ``tuners/lora/layer.py``, so the same
+seed gives bit-identical adapters and ``lora_state_dict`` uses PEFT's key names.
+
+Quantised bases: forward and training work, merging is refused (``LoraMergeError``).
+Dequantise -> merge -> requantise would add a second rounding error, so the merged model would no
+longer compute what was trained and ``unmerge`` could not restore the base. To export a merged
+model, load the base in full precision, ``load_adapter`` the saved adapter onto it, then
+``merge_lora`` / ``unload_lora`` there.
+
+BLOOM q/v-only (default for ``model_type == "bloom"``, ``bloom_qv_only=False`` for PEFT's
+whole-matrix LoRA): BLOOM fuses q, k and v in ``query_key_value`` with output rows laid out as
+``[n_head, 3 (q, k, v), head_dim]``. The q/v-only layer's B has only the 2/3 of rows that hold q
+and v, and its output is scattered onto them with ``index_add``, so k never changes and every
+trainable parameter is real. PEFT cannot express that, so such adapters are saved as
+``ftkit_adapter_config.json`` (``"format": "ftkit-lora"``) + ``adapter_model.safetensors`` in
+PEFT key names; with no ``adapter_config.json`` no PEFT loader mistakes the directory for its own.
+Everything else is saved as a regular PEFT adapter that ``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ftkit.errors import FtkitError
+from ftkit.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "bloom": ("query_key_value",)}
+INITS = ("kaiming", "gaussian")
+BLOOM_FUSED_QKV = "query_key_value"
+
+PEFT_KEY_PREFIX = "base_model.model."
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+FTKIT_CONFIG_NAME = "ftkit_adapter_config.json"
+FTKIT_FORMAT = "ftkit-lora"
+FTKIT_FORMAT_VERSION = 1
+
+# bitsandbytes parameter classes, recognised by name so that bitsandbytes stays optional.
+_QUANTISED_PARAM_TYPES = ("Int8Params", "Params4bit")
+# PEFT options that change which modules are adapted or how; ftkit implements none of them.
+_UNSUPPORTED_PEFT_OPTIONS = (
+    "use_dora",
+    "lora_bias",
+    "fan_in_fan_out",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "exclude_modules",
+    "layers_to_transform",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+)
+_SETTINGS_ATTR = "ftkit_lora_settings"
+
+
+class LoraTargetError(FtkitError):
+    """A LoRA target matches no module, or no default targets exist for the architecture."""
+
+
+class AdapterError(FtkitError):
+    """An adapter directory is missing, incomplete, unsupported or made for another base."""
+
+
+class LoraMergeError(FtkitError):
+    """Merging would corrupt the base weights (non-finite result, quantised base)."""
+
+
+class LoraLayer(nn.Module):
+    """Scaling and merge bookkeeping shared by the Linear and Embedding wrappers.
+
+    Subclasses provide ``delta_weight()`` in the layout of ``base_layer.weight``.
+    """
+
+    def __init__(self, base_layer: nn.Module, *, r: int, alpha: float, use_rslora: bool) -> None:
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        self.base_layer = base_layer
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The adapter's own parameters: everything except the frozen base layer's."""
+        frozen = set(self.base_layer.parameters())
+        return [(name, param) for name, param in self.named_parameters() if param not in frozen]
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add the update into the base weight (no-op if merged); ``safe_merge`` checks first."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        if type(weight).__name__ in _QUANTISED_PARAM_TYPES:
+            raise LoraMergeError(
+                f"cannot merge LoRA into a quantised {type(self.base_layer).__name__}: requantising "
+                "would change what was trained. Load the base model in full precision (no "
+                "quantization_config), load_adapter() onto it and merge there."
+            )
+        delta = self.delta_weight().to(weight.dtype)
+        if safe_merge:
+            merged = weight.data + delta
+            if not torch.isfinite(merged).all():
+                raise LoraMergeError(
+                    "merging would put NaN/inf into the base weights; the adapter weights are "
+                    "broken (check the learning rate / loss scaling of the run that made them)"
+                )
+            weight.data = merged
+        else:
+            weight.data += delta
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update again (no-op if not merged)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.data -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+
+class LoraLinear(LoraLayer):
+    """``base(x) + B(A(dropout(x))) * scaling`` with fp32 A and B whatever the base dtype.
+
+    ``rows`` restricts the update to those output rows: B then has ``len(rows)`` rows and its
+    output is scattered into place (BLOOM q/v-only).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        *,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(base_layer, r=r, alpha=alpha, use_rslora=use_rslora)
+        if init not in INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}")
+        self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        # PEFT's order of RNG draws: both nn.Linear draw their default init, then A is re-drawn.
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
+        self.lora_B = nn.Linear(
+            r, base_layer.out_features if rows is None else len(rows), bias=False
+        )
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
+        nn.init.zeros_(self.lora_B.weight)
+        device = base_layer.weight.device
+        self.lora_A.to(device)
+        self.lora_B.to(device)
+        self.register_buffer("rows", None if rows is None else rows.to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        update = self.lora_B(self.lora_A(lora_x)) * self.scaling
+        if self.rows is not None:
+            full = update.new_zeros(*update.shape[:-1], self.base_layer.out_features)
+            update = full.index_add(-1, self.rows, update)
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = self.lora_B.weight @ self.lora_A.weight * self.scaling
+        if self.rows is None:
+            return delta
+        full = delta.new_zeros(self.base_layer.out_features, self.base_layer.in_features)
+        return full.index_add(0, self.rows, delta)
+
+
+class LoraEmbedding(LoraLayer):
+    """``base(ids) + embedding(ids, Aᵀ) @ Bᵀ * scaling``, PEFT's embedding convention.
+
+    A is ``(r, num_embeddings)`` and starts at zero, B is ``(embedding_dim, r)`` standard normal;
+    like PEFT, no dropout is applied (dropping token ids is not meaningful).
+    """
+
+    def __init__(
+        self, base_layer: nn.Embedding, *, r: int, alpha: float, use_rslora: bool = False
+    ) -> None:
+        super().__init__(base_layer, r=r, alpha=alpha, use_rslora=use_rslora)
+        # PEFT's order of RNG draws: randn for A and B, then zero A and re-draw B.
+        weight_A = torch.randn(r, base_layer.num_embeddings)
+        weight_B = torch.randn(base_layer.embedding_dim, r)
+        nn.init.zeros_(weight_A)
+        nn.init.normal_(weight_B)
+        device = base_layer.weight.device
+        self.lora_embedding_A = nn.Parameter(weight_A.to(device))
+        self.lora_embedding_B = nn.Parameter(weight_B.to(device))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        after_A = F.embedding(x, self.lora_embedding_A.T, padding_idx=self.base_layer.padding_idx)
+        update = (after_A @ self.lora_embedding_B.T) * self.scaling
+        return result + update.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What a model's LoRA was built with; ``save_adapter`` writes it, ``load_adapter`` reads it."""
+
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool
+    init: str
+    bloom_qv_only: bool
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> tuple[str, ...]:
+    """``target_modules`` as given, or the architecture's default from ``DEFAULT_TARGETS``."""
+    if target_modules is not None:
+        return tuple(target_modules)
+    model_type = _model_type(model)
+    if model_type not in DEFAULT_TARGETS:
+        raise LoraTargetError(
+            f"no default LoRA targets for model_type {model_type!r}; pass target_modules "
+            f"explicitly, chosen from this model's modules: {_candidate_names(model)}"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str] | None = None,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    bloom_qv_only: bool | None = None,
+) -> list[str]:
+    """Wrap the targeted modules in place, freeze everything else; return the wrapped names.
+
+    Targets match like PEFT's ``target_modules`` list: a module name equal to a target or ending
+    in ``.<target>``. ``bloom_qv_only=None`` means q/v-only on BLOOM, off elsewhere.
+    """
+    is_bloom = _model_type(model) == "bloom"
+    if bloom_qv_only is None:
+        bloom_qv_only = is_bloom
+    elif bloom_qv_only and not is_bloom:
+        raise ValueError(f"bloom_qv_only=True needs a BLOOM model, got {_model_type(model)!r}")
+    settings = LoraSettings(
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        target_modules=resolve_targets(model, target_modules),
+        use_rslora=use_rslora,
+        init=init,
+        bloom_qv_only=bloom_qv_only,
+    )
+    return _inject(model, settings)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(module name, layer)`` for every ftkit LoRA layer, in ``named_modules`` order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
+    """Merge every LoRA layer, all or nothing: on error, layers merged by this call are undone."""
+    newly_merged = []
+    for name, layer in lora_layers(model):
+        if layer.merged:
+            continue
+        try:
+            layer.merge(safe_merge=safe_merge)
+        except LoraMergeError as err:
+            for done in newly_merged:
+                done.unmerge()
+            raise LoraMergeError(f"{name}: {err}") from err
+        newly_merged.append(layer)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Merge, then put the base layers back in place of the wrappers: a plain exportable model."""
+    merge_lora(model)
+    _remove_lora(model)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under the keys ``peft.get_peft_model_state_dict`` gives for this model."""
+    return {
+        f"{PEFT_KEY_PREFIX}{name}.{param_name}": param.detach()
+        for name, layer in lora_layers(model)
+        for param_name, param in layer.adapter_named_parameters()
+    }
+
+
+def trainable_parameters_line(model: nn.Module) -> str:
+    """PEFT's ``print_trainable_parameters`` line, counting packed 4-bit weights as PEFT does."""
+    trainable = total = 0
+    for _, param in model.named_parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":  # two 4-bit values per stored byte
+            count *= 2 * param.element_size()
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}"
+    )
+
+
+def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str) -> Path:
+    """Write the adapter atomically: PEFT format when PEFT can express it, else ftkit's."""
+    settings = _settings(model)
+    peft_expressible = all(
+        not isinstance(layer, LoraLinear) or layer.rows is None for _, layer in lora_layers(model)
+    )
+    if peft_expressible:
+        config_name = PEFT_CONFIG_NAME
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": settings.r,
+            "lora_alpha": settings.alpha,
+            "lora_dropout": settings.dropout,
+            "target_modules": list(settings.target_modules),
+            "use_rslora": settings.use_rslora,
+            "init_lora_weights": True if settings.init == "kaiming" else settings.init,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+        }
+    else:
+        config_name = FTKIT_CONFIG_NAME
+        config = {
+            "format": FTKIT_FORMAT,
+            "format_version": FTKIT_FORMAT_VERSION,
+            "base_model_name_or_path": base_model_name_or_path,
+            **asdict(settings),
+        }
+    tensors = {key: tensor.contiguous() for key, tensor in lora_state_dict(model).items()}
+    with atomic_dir(out_dir) as scratch:
+        save_file(tensors, scratch / WEIGHTS_NAME, metadata={"format": "pt"})
+        (scratch / config_name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return Path(out_dir)
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
+    """Inject LoRA as ``adapter_dir`` describes (ftkit or PEFT format) and load its weights.
+
+    On any error the model is left without LoRA, exactly as it was.
+    """
+    adapter_dir = Path(adapter_dir)
+    settings = _read_settings(adapter_dir)
+    weights_path = adapter_dir / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise AdapterError(
+            f"{weights_path} is missing; re-save the adapter with save_adapter() or "
+            "PeftModel.save_pretrained(..., safe_serialization=True)"
+        )
+    tensors = load_file(weights_path)
+    try:
+        matched = _inject(model, settings)
+    except LoraTargetError as err:
+        raise AdapterError(
+            f"adapter {adapter_dir} does not fit this model ({err}); load it onto the base model "
+            "it was trained on"
+        ) from err
+    try:
+        _copy_adapter_tensors(model, tensors, adapter_dir)
+    except AdapterError:
+        _remove_lora(model)
+        raise
+    return matched
+
+
+def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
+    if next(lora_layers(model), None) is not None:
+        raise ValueError("model already carries ftkit LoRA layers; unload_lora() it or start fresh")
+    adaptable = _adaptable_modules(model)
+    unmatched = [
+        target
+        for target in settings.target_modules
+        if not any(_matches(name, target) for name in adaptable)
+    ]
+    if unmatched:
+        raise LoraTargetError(
+            f"LoRA target(s) {unmatched} match no Linear/Embedding module of "
+            f"{type(model).__name__}; candidates: {_candidate_names(model)}"
+        )
+    matched = [
+        name for name in adaptable if any(_matches(name, t) for t in settings.target_modules)
+    ]
+    for name in matched:  # named_modules order keeps the RNG draws in PEFT's order
+        parent_name, _, child_name = name.rpartition(".")
+        wrapper = _wrap(model, name, adaptable[name], settings)
+        setattr(model.get_submodule(parent_name), child_name, wrapper)
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        for _, param in layer.adapter_named_parameters():
+            param.requires_grad_(True)
+    setattr(model, _SETTINGS_ATTR, settings)
+    logger.info(
+        "LoRA r=%d alpha=%s on %d modules (targets %s): %s",
+        settings.r,
+        settings.alpha,
+        len(matched),
+        list(settings.target_modules),
+        matched,
+    )
+    return matched
+
+
+def _wrap(model: nn.Module, name: str, module: nn.Module, settings: LoraSettings) -> LoraLayer:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(
+            module, r=settings.r, alpha=settings.alpha, use_rslora=settings.use_rslora
+        )
+    rows = None
+    if settings.bloom_qv_only and name.rpartition(".")[2] == BLOOM_FUSED_QKV:
+        rows = _bloom_qv_rows(module.out_features, model.config.num_attention_heads)
+    return LoraLinear(
+        module,
+        r=settings.r,
+        alpha=settings.alpha,
+        dropout=settings.dropout,
+        use_rslora=settings.use_rslora,
+        init=settings.init,
+        rows=rows,
+    )
+
+
+def _bloom_qv_rows(out_features: int, num_heads: int) -> torch.Tensor:
+    """Ascending indices of the q and v rows in BLOOM's ``[n_head, 3, head_dim]`` fused output."""
+    rows = torch.arange(out_features).view(num_heads, 3, out_features // (3 * num_heads))
+    return rows[:, [0, 2]].flatten()
+
+
+def _remove_lora(model: nn.Module) -> None:
+    """Put each wrapper's base layer back (as it is: merged or not) and forget the settings."""
+    for name, layer in list(lora_layers(model)):
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
+    if hasattr(model, _SETTINGS_ATTR):
+        delattr(model, _SETTINGS_ATTR)
+
+
+def _copy_adapter_tensors(model: nn.Module, tensors: dict, adapter_dir: Path) -> None:
+    """Check every key and shape first, then copy, so a bad file changes nothing."""
+    destinations = {}
+    for name, layer in lora_layers(model):
+        for param_name, param in layer.adapter_named_parameters():
+            destinations[f"{PEFT_KEY_PREFIX}{name}.{param_name}"] = param
+    missing = sorted(destinations.keys() - tensors.keys())
+    # PEFT saves whole embedding base weights next to their LoRA (for resized vocabularies).
+    for name, layer in lora_layers(model):
+        key = f"{PEFT_KEY_PREFIX}{name}.base_layer.weight"
+        if key in tensors:
+            destinations[key] = layer.base_layer.weight
+    unexpected = sorted(tensors.keys() - destinations.keys())
+    if missing or unexpected:
+        raise AdapterError(
+            f"{adapter_dir / WEIGHTS_NAME} does not match the LoRA layers its config describes "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the adapter"
+        )
+    for key, tensor in tensors.items():
+        expected = destinations[key].shape
+        if tensor.shape != expected:
+            raise AdapterError(
+                f"{adapter_dir}: {key} has shape {tuple(tensor.shape)} but this model needs "
+                f"{tuple(expected)}; the adapter was made for another base model, load it onto "
+                "the base named in its config (base_model_name_or_path)"
+            )
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            destinations[key].copy_(tensor)
+
+
+def _read_settings(adapter_dir: Path) -> LoraSettings:
+    if not adapter_dir.is_dir():
+        raise AdapterError(
+            f"adapter directory {adapter_dir} does not exist; pass the directory written by "
+            "save_adapter() or PeftModel.save_pretrained()"
+        )
+    ftkit_config_path = adapter_dir / FTKIT_CONFIG_NAME
+    peft_config_path = adapter_dir / PEFT_CONFIG_NAME
+    if ftkit_config_path.is_file():
+        config = _read_json(ftkit_config_path)
+        names = [field.name for field in fields(LoraSettings)]
+        format_ok = config.get("format") == FTKIT_FORMAT
+        if not format_ok or config.get("format_version") != FTKIT_FORMAT_VERSION:
+            raise AdapterError(
+                f"{ftkit_config_path} is not an {FTKIT_FORMAT} v{FTKIT_FORMAT_VERSION} config; "
+                "re-save the adapter with this version of ftkit"
+            )
+        if missing := [name for name in names if name not in config]:
+            raise AdapterError(f"{ftkit_config_path} lacks {missing}; re-save the adapter")
+        values = {name: config[name] for name in names}
+        return LoraSettings(**{**values, "target_modules": tuple(values["target_modules"])})
+    if peft_config_path.is_file():
+        return _settings_from_peft(_read_json(peft_config_path), peft_config_path)
+    raise AdapterError(
+        f"{adapter_dir} holds neither {PEFT_CONFIG_NAME} nor {FTKIT_CONFIG_NAME}; pass the "
+        "directory written by save_adapter() or PeftModel.save_pretrained()"
+    )
+
+
+def _settings_from_peft(config: dict, path: Path) -> LoraSettings:
+    if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
+        raise AdapterError(f"{path} is not a PEFT LoRA config (peft_type LORA with r, lora_alpha)")
+    unsupported = [option for option in _UNSUPPORTED_PEFT_OPTIONS if config.get(option)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if not isinstance(config.get("target_modules"), list):
+        unsupported.append("target_modules (regex or none)")
+    if unsupported:
+        raise AdapterError(
+            f"{path} uses PEFT options ftkit's LoRA does not implement: {unsupported}; "
+            "load it with peft.PeftModel.from_pretrained instead"
+        )
+    return LoraSettings(
+        r=config["r"],
+        alpha=config["lora_alpha"],
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=tuple(config["target_modules"]),
+        use_rslora=config.get("use_rslora", False),
+        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+        bloom_qv_only=False,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"cannot read {path}: {err}; re-save the adapter") from err
+
+
+def _settings(model: nn.Module) -> LoraSettings:
+    settings = getattr(model, _SETTINGS_ATTR, None)
+    if settings is None:
+        raise ValueError("model has no ftkit LoRA; call apply_lora() or load_adapter() first")
+    return settings
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding))
+    }
+
+
+def _candidate_names(model: nn.Module) -> list[str]:
+    return sorted({name.rpartition(".")[2] for name in _adaptable_modules(model)})
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith(f".{target}")

@@ -1,0 +1,170 @@
+"""Build the base model and tokenizer, then put a LoRA adapter (PEFT's or ftkit's) on it."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ftkit.config import AdapterConfig, ModelConfig
+from ftkit.data import ensure_pad_token
+from ftkit.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Embedded names → their materialised dir; local paths are checked; Hub ids pass through."""
+    from ftkit.embedded import EMBEDDED_PREFIX
+    from ftkit.embedded import resolve_model_path as resolve_embedded
+
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return resolve_embedded(name_or_path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser().resolve())
+    if looks_local:
+        raise ModelError(
+            f"model path not found: {name_or_path} (pass --model_name_or_path an existing "
+            "directory with config.json, a Hub id such as meta-llama/Llama-2-7b-hf, or ftkit:tiny-llama)"
+        )
+    return name_or_path
+
+
+def load_tokenizer(path: str):
+    """Tokenizer with a pad id distinct from EOS, right-padded for training."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+    tokenizer.padding_side = "right"
+    return ensure_pad_token(tokenizer)
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    if not (cfg.load_in_8bit or cfg.load_in_4bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(
+            "load_in_8bit/load_in_4bit need bitsandbytes: pip install 'ftkit[quant]' "
+            "(or drop the flag to train an unquantised base)"
+        )
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, cfg.model_dtype),
+    )
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
+    """``AutoModelForCausalLM.from_pretrained`` with the requested dtype / quantisation / GC."""
+    path = resolve_model_path(cfg.model_name_or_path)
+    quant = quantization_config(cfg)
+    kwargs = {"dtype": getattr(torch, cfg.model_dtype)}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"could not load model {path!r}: {exc}") from exc
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Only for quantised bases: it upcasts norms and enables input grads for k-bit training.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model.config.use_cache = False  # the KV cache is useless in training and breaks with GC
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant GC through the transformers API; works before or after LoRA is applied.
+
+    With ``use_reentrant=False`` the checkpointed blocks propagate gradients to LoRA parameters
+    even though the block inputs (frozen embeddings) do not require grad, so no input-grad hook
+    is needed.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_adapter(model, cfg: AdapterConfig, seed: int):
+    """Put LoRA on ``model`` with PEFT or ftkit; ``none`` keeps every weight trainable.
+
+    The RNG is seeded right before injection so both implementations draw identical A matrices.
+    """
+    from ftkit import lora
+
+    if cfg.lora_impl == "none":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    torch.manual_seed(seed)
+    targets = cfg.lora_target
+    if cfg.lora_impl == "ftkit":
+        lora.apply_lora(
+            model,
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=targets,
+            use_rslora=cfg.use_rslora,
+        )
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.resolve_targets(model, targets)
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(targets),
+        use_rslora=cfg.use_rslora,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int, device="cpu"):
+    """Base model + adapter, with gradient checkpointing if asked."""
+    model = load_base_model(model_cfg, device)
+    model = apply_adapter(model, adapter_cfg, seed)
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def resolve_mixed_precision(requested: str, cuda_available: bool, capability=None) -> str:
+    """Accelerate's mixed_precision, corrected for the hardware it will run on.
+
+    bf16 needs Ampere (compute capability >= 8.0); a T4 (7.5) gets fp16 with a grad scaler instead.
+    fp16 autocast needs CUDA; bf16 autocast works on CPU.
+    """
+    requested = (requested or "no").lower()
+    if requested not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision={requested!r} is not supported; use no, fp16 or bf16")
+    if not cuda_available:
+        if requested == "fp16":
+            raise ConfigError(
+                "fp16 mixed precision needs a CUDA GPU and none is available: use "
+                "accelerate_configs/cpu.yaml (fp32) or --mixed_precision bf16 on CPU"
+            )
+        return requested
+    if requested == "bf16" and capability is not None and capability < (8, 0):
+        logger.warning("bf16 needs compute capability >= 8.0, this GPU is %s: using fp16", capability)
+        return "fp16"
+    return requested
+
+
+def requested_mixed_precision() -> str:
+    """What ``accelerate launch`` asked for (it passes the config through this variable)."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def cuda_capability():
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None

@@ -1,0 +1,92 @@
+"""Run artefacts a person reads: per-step metrics (JSONL), final metrics (JSON), loss curve, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ftkit.io import atomic_write_json
+
+METRICS_STEPS = "metrics.jsonl"
+METRICS_FINAL = "metrics.json"
+LOSS_CURVE = "loss_curve.png"
+
+
+class RunLog:
+    """Appends one JSON line per logged step; only the main process writes."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.history: list[dict] = []
+        if enabled:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / METRICS_STEPS).write_text("", encoding="utf-8")
+
+    @property
+    def last_loss(self) -> float | None:
+        losses = [row["loss"] for row in self.history if "loss" in row]
+        return losses[-1] if losses else None
+
+    def step(self, **row) -> None:
+        self.event(**row)
+
+    def event(self, **row) -> None:
+        self.history.append(row)
+        if self.enabled:
+            with open(self.output_dir / METRICS_STEPS, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def finish(self, metrics: dict) -> None:
+        atomic_write_json(self.output_dir / METRICS_FINAL, metrics)
+        plot_loss_curve(self.history, metrics, self.output_dir / LOSS_CURVE)
+
+
+def plot_loss_curve(history: list[dict], metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [row["step"] for row in history if "loss" in row]
+    losses = [row["loss"] for row in history if "loss" in row]
+    evals = [(row["step"], row["eval_loss"]) for row in history if "eval_loss" in row]
+    if metrics.get("eval_loss") is not None:
+        evals = [(0, metrics["eval_loss_before"]), *evals, (metrics["steps"], metrics["eval_loss"])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, label="train loss (per supervised token)")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o--", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{metrics['techniques']['lora_impl']} LoRA, {metrics['techniques']['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mib(n_bytes) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def summary(metrics: dict, output_dir: Path) -> str:
+    """The few lines a person looks at after a run."""
+    mem = metrics["memory"]
+    lines = [
+        "",
+        "== ftkit run summary ==",
+        f"trainable params: {mem['trainable_params']:,d} || all params: {mem['total_params']:,d}"
+        f" || trainable%: {100 * mem['trainable_params'] / mem['total_params']:.4f}",
+        f"steps: {metrics['steps']}  wall time: {metrics['wall_time_s']:.1f} s"
+        f"  peak memory: {_mib(mem.get('peak_bytes'))} ({mem.get('peak_kind', 'n/a')})",
+    ]
+    if metrics.get("eval_loss") is not None:
+        before, after = metrics["eval_loss_before"], metrics["eval_loss"]
+        lines.append(
+            f"eval loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f} %)"
+            f"  perplexity: {metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity']:.2f}"
+        )
+    lines.append(f"techniques: {json.dumps(metrics['techniques'])}")
+    lines.append(f"artefacts: {output_dir}")
+    return "\n".join(lines)

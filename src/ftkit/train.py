@@ -1,0 +1,308 @@
+"""The Accelerate-driven training loop.
+
+Accelerate owns precision (autocast + grad scaler), process groups, gradient sync and accumulation;
+this module only adds what none of the libraries does for a LoRA recipe: the loss normalised per
+supervised token across a whole accumulation window and all processes, a NaN guard, atomic
+checkpoints that hold the adapter but not the frozen base, and an honest run log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ftkit import checkpoint, reporting
+from ftkit.config import Recipe, save_recipe
+from ftkit.data import IGNORE_INDEX, InstructionData, build_datasets, collator
+from ftkit.errors import FtkitError
+from ftkit.memory import PeakMemoryMeter, tensor_bytes
+from ftkit.modeling import (
+    build_model,
+    cuda_capability,
+    load_tokenizer,
+    requested_mixed_precision,
+    resolve_mixed_precision,
+    resolve_model_path,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(FtkitError):
+    """The loss became NaN/inf; training stopped before the bad step touched the weights."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    precision = resolve_mixed_precision(
+        requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
+    )
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        # Seeded per-epoch shuffling (set_epoch) makes a resumed run see the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+def supervised_tokens(batch) -> torch.Tensor:
+    """Tokens that contribute to the causal-LM loss (labels are shifted by one)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+class Trainer:
+    """One LoRA (or full) fine-tuning run; ``fit()`` returns its metrics."""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+        self.recipe = recipe
+        self.memory = PeakMemoryMeter()
+        self.accelerator = accelerator or make_accelerator(recipe)
+        set_seed(recipe.train.seed)
+        self.output_dir = Path(recipe.train.output_dir)
+        self.base_path = resolve_model_path(recipe.model.model_name_or_path)
+        self.tokenizer = load_tokenizer(self.base_path)
+        with self.accelerator.main_process_first():
+            self.data: InstructionData = build_datasets(
+                recipe.data, self.tokenizer, recipe.train.seed
+            )
+        model = build_model(
+            recipe.model, recipe.adapter, recipe.train.seed, device=self.accelerator.device
+        )
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            self.trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
+        )
+        train_loader, eval_loader = self._loaders()
+        self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
+            model, optimizer, train_loader, eval_loader
+        )
+        self.total_steps = self._total_steps()
+        # Not prepared: Accelerate's wrapper would step it once per process; we step once per
+        # optimizer step, and register it so save_state/load_state include it.
+        self.scheduler = get_scheduler(
+            recipe.train.lr_scheduler_type,
+            self.optimizer,
+            num_warmup_steps=math.ceil(recipe.train.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+        self.progress = checkpoint.Progress()
+        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        checkpoint.register_adapter_only_hooks(self.accelerator)
+
+    def _loaders(self) -> tuple[DataLoader, DataLoader]:
+        pad = collator(self.tokenizer)
+        cfg = self.recipe.train
+        generator = torch.Generator().manual_seed(cfg.seed)
+        train = DataLoader(
+            self.data.train,
+            batch_size=cfg.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=pad,
+            generator=generator,
+        )
+        evaluation = DataLoader(self.data.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=pad)
+        return train, evaluation
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return math.ceil(len(self.train_loader) / self.recipe.train.gradient_accumulation_steps)
+
+    def _total_steps(self) -> int:
+        cfg = self.recipe.train
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        return max(1, math.ceil(cfg.num_train_epochs * self.windows_per_epoch))
+
+    # -- one optimizer step ---------------------------------------------------------------------
+
+    def windows(self):
+        """Yield lists of micro-batches, one list per optimizer step (the last may be partial)."""
+        ga = self.recipe.train.gradient_accumulation_steps
+        while self.progress.step < self.total_steps:
+            self.train_loader.set_epoch(self.progress.epoch)
+            loader = self.accelerator.skip_first_batches(
+                self.train_loader, self.progress.batches_in_epoch
+            )
+            window = []
+            for batch in loader:
+                window.append(batch)
+                if len(window) == ga:
+                    yield window
+                    window = []
+            if window:
+                yield window
+            self.progress.next_epoch()
+
+    def backward_window(self, window) -> torch.Tensor:
+        """Forward+backward a window; gradients equal one big batch's, per supervised token.
+
+        ``accelerator.backward`` divides by gradient_accumulation_steps and DDP averages over
+        processes, so each micro-batch loss is ``sum_token_loss * GA * world / window_tokens``
+        (transformers' ``num_items_in_batch`` does the sum/N part). Returns the window's loss.
+        """
+        acc = self.accelerator
+        window_tokens = acc.reduce(sum(supervised_tokens(b) for b in window), "sum")
+        scale = acc.gradient_accumulation_steps * acc.num_processes
+        window_loss = torch.zeros((), device=acc.device)
+        for batch in window:
+            with acc.accumulate(self.model):
+                outputs = self.model(**batch, num_items_in_batch=window_tokens)
+                acc.backward(outputs.loss * scale)
+                window_loss += outputs.loss.detach()
+        return acc.reduce(window_loss, "sum")
+
+    def optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.recipe.train.max_grad_norm > 0:
+            grad_norm = self.accelerator.clip_grad_norm_(
+                self.trainable, self.recipe.train.max_grad_norm
+            )
+        self.optimizer.step()
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if grad_norm is None else float(grad_norm)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss per supervised token over the held-out split, and its perplexity."""
+        if len(self.data.eval) == 0:
+            return {}
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        tokens = torch.zeros((), device=self.accelerator.device)
+        for batch in self.eval_loader:
+            n = supervised_tokens(batch)
+            outputs = self.model(**batch, num_items_in_batch=n.clamp(min=1))
+            loss_sum += outputs.loss.float() * n
+            tokens += n
+        self.model.train()
+        loss = float(self.accelerator.reduce(loss_sum, "sum") / self.accelerator.reduce(tokens, "sum"))
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    # -- the run --------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        acc, cfg = self.accelerator, self.recipe.train
+        if cfg.resume_from_checkpoint:
+            checkpoint.resume(acc, self.output_dir, cfg.resume_from_checkpoint)
+        log = reporting.RunLog(self.output_dir, enabled=acc.is_main_process)
+        if acc.is_main_process:
+            save_recipe(self.recipe, self.output_dir / "resolved_config.yaml")
+            logger.info(reporting.trainable_line(self.model))
+        before = self.evaluate()
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            disable=not acc.is_local_main_process,
+            desc="train",
+        )
+        start = time.perf_counter()
+        for window in self.windows():
+            step_start = time.perf_counter()
+            loss = float(self.backward_window(window))
+            step = self.progress.step + 1
+            if not math.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDivergedError(
+                    f"non-finite loss ({loss}) at step {step}: stopped before updating the "
+                    f"weights; the last good checkpoint in {self.output_dir / 'checkpoints'} is "
+                    "intact (lower learning_rate, or use bf16 instead of fp16)"
+                )
+            lr = self.scheduler.get_last_lr()[0]
+            grad_norm = self.optimizer_step()
+            self.progress.advance(len(window))
+            real_tokens = float(acc.reduce(sum(b["attention_mask"].sum() for b in window), "sum"))
+            elapsed = time.perf_counter() - step_start
+            log.step(
+                step=step,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens_per_s=real_tokens / elapsed,
+                step_time_s=elapsed,
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
+                log.event(step=step, **self.evaluate())
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                checkpoint.save(acc, self.output_dir, step, cfg.save_total_limit)
+            if step >= self.total_steps:
+                break
+        bar.close()
+        wall_time = time.perf_counter() - start
+        after = self.evaluate()
+        breakdown = tensor_bytes(acc.unwrap_model(self.model), self.optimizer)
+        metrics = {
+            "train_loss": log.last_loss,
+            "eval_loss_before": before.get("eval_loss"),
+            "eval_loss": after.get("eval_loss"),
+            "eval_perplexity_before": before.get("eval_perplexity"),
+            "eval_perplexity": after.get("eval_perplexity"),
+            "steps": self.progress.step,
+            "wall_time_s": wall_time,
+            "train_records": len(self.data.train),
+            "eval_records": len(self.data.eval),
+            "techniques": self.techniques(),
+            "memory": {**breakdown.as_dict(), **self.memory.read().as_dict()},
+        }
+        self.save_artifacts()
+        if acc.is_main_process:
+            log.finish(metrics)
+            print(reporting.summary(metrics, self.output_dir))
+        acc.wait_for_everyone()
+        return TrainResult(self.output_dir, metrics, log.history)
+
+    def techniques(self) -> dict:
+        """What was active, recorded next to the figures so ablations need no guessing."""
+        quant = "8bit" if self.recipe.model.load_in_8bit else "4bit" if self.recipe.model.load_in_4bit else None
+        return {
+            "mixed_precision": self.accelerator.mixed_precision,
+            "model_dtype": self.recipe.model.model_dtype,
+            "gradient_accumulation_steps": self.recipe.train.gradient_accumulation_steps,
+            "gradient_checkpointing": self.recipe.model.gradient_checkpointing,
+            "lora_impl": self.recipe.adapter.lora_impl,
+            "quantization": quant,
+            "world_size": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "device": str(self.accelerator.device),
+        }
+
+    def save_artifacts(self) -> None:
+        """Adapter (or full model) + tokenizer, written by the main process only, atomically."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoint.save_adapter(
+                acc.unwrap_model(self.model),
+                self.output_dir,
+                impl=self.recipe.adapter.lora_impl,
+                base_model_name_or_path=self.base_path,
+            )
+            self.tokenizer.save_pretrained(self.output_dir)
+        acc.wait_for_everyone()
+
+
+def train(recipe: Recipe) -> TrainResult:
+    return Trainer(recipe).fit()
