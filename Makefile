@@ -38,6 +38,9 @@ train-ddp: install
 	$(DDP_CPU_ENV) $(ACCELERATE) --config_file accelerate_configs/ddp_2gpu_fp16.yaml $(DDP_CPU_FLAGS) \
 		recipes/alpaca_lora.py --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS)
 
+compare-lora: install
+	$(PY) recipes/compare_lora.py --output_dir outputs/lora-parity
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

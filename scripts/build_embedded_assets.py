@@ -64,15 +64,16 @@ def _sort_letters(rng: random.Random) -> dict:
 
 def _add(rng: random.Random) -> dict:
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return _record("Add the two numbers.", f"{a} + {b}", str(a + b))
+    return _record("Add the two numbers.", f"{a} + {b}", f"{a} + {b} = {a + b}")
 
 
 def _antonym(rng: random.Random) -> dict:
     pair = rng.choice(ANTONYMS)
     word, opposite = pair if rng.random() < 0.5 else pair[::-1]
+    answer = f"The opposite of {word} is {opposite}."
     if rng.random() < 0.5:
-        return _record("Give the opposite of the word.", word, opposite)
-    return _record(f"What is the opposite of {word}?", "", opposite)
+        return _record("Give the opposite of the word.", word, answer)
+    return _record(f"What is the opposite of {word}?", "", answer)
 
 
 def _colour(rng: random.Random) -> dict:

@@ -47,7 +47,9 @@ def test_command_line_overrides_yaml(tmp_path):
 def test_unknown_yaml_field_names_nearest(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("lerning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"unknown field 'lerning_rate'.*did you mean learning_rate"):
+    with pytest.raises(
+        ConfigError, match=r"unknown field 'lerning_rate'.*did you mean learning_rate"
+    ):
         parse_recipe(["--config", str(path)])
 
 

@@ -133,7 +133,7 @@ def test_skip_bad_records_counts(caplog):
 
 
 def test_real_alpaca_has_two_empty_outputs(alpaca_records):
-    with pytest.raises(DataError, match="record 2335 .* empty 'output'"):
+    with pytest.raises(DataError, match=r"record 2335 .* empty 'output'"):
         validate_records(alpaca_records, "alpaca_5000.json")
     assert len(validate_records(alpaca_records, "alpaca", skip_bad=True)) == 4998
 

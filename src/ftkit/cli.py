@@ -19,6 +19,11 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # one progress bar per run: the training one
+    transformers.utils.logging.disable_progress_bar()
 
 
 def run_main(main: Callable[[], object]) -> int:

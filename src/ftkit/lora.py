@@ -109,28 +109,28 @@ class LoraLayer(nn.Module):
         frozen = set(self.base_layer.parameters())
         return [(name, param) for name, param in self.named_parameters() if param not in frozen]
 
-    def merge(self, safe_merge: bool = False) -> None:
-        """Add the update into the base weight (no-op if merged); ``safe_merge`` checks first."""
-        if self.merged:
-            return
+    def check_merge(self, safe_merge: bool = False) -> None:
+        """Raise ``LoraMergeError`` if merging is refused or, with ``safe_merge``, not finite."""
         weight = self.base_layer.weight
         if type(weight).__name__ in _QUANTISED_PARAM_TYPES:
             raise LoraMergeError(
-                f"cannot merge LoRA into a quantised {type(self.base_layer).__name__}: requantising "
-                "would change what was trained. Load the base model in full precision (no "
-                "quantization_config), load_adapter() onto it and merge there."
+                f"cannot merge LoRA into a quantised {type(self.base_layer).__name__}: "
+                "requantising would change what was trained. Load the base model in full "
+                "precision (no quantization_config), load_adapter() onto it and merge there."
             )
-        delta = self.delta_weight().to(weight.dtype)
-        if safe_merge:
-            merged = weight.data + delta
-            if not torch.isfinite(merged).all():
-                raise LoraMergeError(
-                    "merging would put NaN/inf into the base weights; the adapter weights are "
-                    "broken (check the learning rate / loss scaling of the run that made them)"
-                )
-            weight.data = merged
-        else:
-            weight.data += delta
+        if safe_merge and not torch.isfinite(weight + self.delta_weight().to(weight.dtype)).all():
+            raise LoraMergeError(
+                "merging would put NaN/inf into the base weights; the adapter weights are "
+                "broken (check the learning rate / loss scaling of the run that made them)"
+            )
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add the update into the base weight in place; no-op if already merged."""
+        if self.merged:
+            return
+        self.check_merge(safe_merge)
+        weight = self.base_layer.weight
+        weight.data += self.delta_weight().to(weight.dtype)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -297,18 +297,15 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
-    """Merge every LoRA layer, all or nothing: on error, layers merged by this call are undone."""
-    newly_merged = []
-    for name, layer in lora_layers(model):
-        if layer.merged:
-            continue
+    """Merge every LoRA layer; all layers are checked before any weight changes."""
+    pending = [(name, layer) for name, layer in lora_layers(model) if not layer.merged]
+    for name, layer in pending:
         try:
-            layer.merge(safe_merge=safe_merge)
+            layer.check_merge(safe_merge)
         except LoraMergeError as err:
-            for done in newly_merged:
-                done.unmerge()
             raise LoraMergeError(f"{name}: {err}") from err
-        newly_merged.append(layer)
+    for _, layer in pending:
+        layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
@@ -431,10 +428,15 @@ def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
     matched = [
         name for name in adaptable if any(_matches(name, t) for t in settings.target_modules)
     ]
-    for name in matched:  # named_modules order keeps the RNG draws in PEFT's order
-        parent_name, _, child_name = name.rpartition(".")
-        wrapper = _wrap(model, name, adaptable[name], settings)
-        setattr(model.get_submodule(parent_name), child_name, wrapper)
+    try:
+        for name in matched:  # named_modules order keeps the RNG draws in PEFT's order
+            parent_name, _, child_name = name.rpartition(".")
+            wrapper = _wrap(model, name, adaptable[name], settings)
+            wrapper.train(adaptable[name].training)  # an eval-mode model gets no adapter dropout
+            setattr(model.get_submodule(parent_name), child_name, wrapper)
+    except Exception:
+        _remove_lora(model)  # all or nothing: a bad setting must not leave half a LoRA behind
+        raise
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         for _, param in layer.adapter_named_parameters():

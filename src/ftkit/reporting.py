@@ -15,21 +15,19 @@ LOSS_CURVE = "loss_curve.png"
 class RunLog:
     """Appends one JSON line per logged step; only the main process writes."""
 
-    def __init__(self, output_dir: Path, enabled: bool = True):
+    def __init__(self, output_dir: Path, enabled: bool = True, append: bool = False):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
         self.history: list[dict] = []
         if enabled:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / METRICS_STEPS).write_text("", encoding="utf-8")
+            if not append:  # a resumed run continues the same log
+                (self.output_dir / METRICS_STEPS).write_text("", encoding="utf-8")
 
     @property
     def last_loss(self) -> float | None:
         losses = [row["loss"] for row in self.history if "loss" in row]
         return losses[-1] if losses else None
-
-    def step(self, **row) -> None:
-        self.event(**row)
 
     def event(self, **row) -> None:
         self.history.append(row)

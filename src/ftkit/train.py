@@ -25,6 +25,7 @@ from ftkit import checkpoint, reporting
 from ftkit.config import Recipe, save_recipe
 from ftkit.data import IGNORE_INDEX, InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
+from ftkit.lora import trainable_parameters_line
 from ftkit.memory import PeakMemoryMeter, tensor_bytes
 from ftkit.modeling import (
     build_model,
@@ -180,6 +181,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return None if grad_norm is None else float(grad_norm)
 
+    def train_step(self, window) -> dict:
+        """One optimizer step over ``window``; a non-finite loss stops before touching weights."""
+        acc = self.accelerator
+        step_start = time.perf_counter()
+        loss = float(self.backward_window(window))
+        step = self.progress.step + 1
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(
+                f"non-finite loss ({loss}) at step {step}: stopped before updating the weights; "
+                f"the last good checkpoint in {self.output_dir / 'checkpoints'} is intact "
+                "(lower learning_rate, or use bf16 instead of fp16)"
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        grad_norm = self.optimizer_step()
+        self.progress.advance(len(window))
+        real_tokens = float(acc.reduce(sum(b["attention_mask"].sum() for b in window), "sum"))
+        elapsed = time.perf_counter() - step_start
+        return {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": real_tokens / elapsed,
+            "step_time_s": elapsed,
+        }
+
     # -- evaluation -----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -205,10 +233,12 @@ class Trainer:
         acc, cfg = self.accelerator, self.recipe.train
         if cfg.resume_from_checkpoint:
             checkpoint.resume(acc, self.output_dir, cfg.resume_from_checkpoint)
-        log = reporting.RunLog(self.output_dir, enabled=acc.is_main_process)
+        log = reporting.RunLog(
+            self.output_dir, enabled=acc.is_main_process, append=bool(cfg.resume_from_checkpoint)
+        )
         if acc.is_main_process:
             save_recipe(self.recipe, self.output_dir / "resolved_config.yaml")
-            logger.info(reporting.trainable_line(self.model))
+            logger.info(trainable_parameters_line(self.model))
         before = self.evaluate()
         self.model.train()
         bar = tqdm(
@@ -219,31 +249,11 @@ class Trainer:
         )
         start = time.perf_counter()
         for window in self.windows():
-            step_start = time.perf_counter()
-            loss = float(self.backward_window(window))
-            step = self.progress.step + 1
-            if not math.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDivergedError(
-                    f"non-finite loss ({loss}) at step {step}: stopped before updating the "
-                    f"weights; the last good checkpoint in {self.output_dir / 'checkpoints'} is "
-                    "intact (lower learning_rate, or use bf16 instead of fp16)"
-                )
-            lr = self.scheduler.get_last_lr()[0]
-            grad_norm = self.optimizer_step()
-            self.progress.advance(len(window))
-            real_tokens = float(acc.reduce(sum(b["attention_mask"].sum() for b in window), "sum"))
-            elapsed = time.perf_counter() - step_start
-            log.step(
-                step=step,
-                loss=loss,
-                lr=lr,
-                grad_norm=grad_norm,
-                tokens_per_s=real_tokens / elapsed,
-                step_time_s=elapsed,
-            )
+            row = self.train_step(window)
+            step = row["step"]
+            log.event(**row)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                 log.event(step=step, **self.evaluate())
             if cfg.save_steps and step % cfg.save_steps == 0:

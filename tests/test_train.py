@@ -1,0 +1,154 @@
+"""The training loop end to end: artefacts, reload parity, learning, and clear failures."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import accelerate_launch, run_python, tiny_recipe, write_records
+
+from ftkit.config import ConfigError
+from ftkit.errors import ModelError
+from ftkit.lora import LoraTargetError
+from ftkit.modeling import resolve_mixed_precision
+from ftkit.train import Trainer
+
+PROBE = "Below is an instruction that describes a task.\n\n### Instruction:\nName a colour.\n\n"
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, alpaca_path):
+    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
+
+
+def probe_logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer(PROBE, return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits
+
+
+RELOAD = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(out)
+config = __import__("json").load(open(out + "/adapter_config.json"))
+base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+model = PeftModel.from_pretrained(base, out).eval()
+with torch.no_grad():
+    torch.save(model(**tok(sys.argv[2], return_tensors="pt")).logits, out + "/probe.pt")
+"""
+
+
+@pytest.mark.parametrize("impl", ["peft", "ftkit"])
+def test_adapter_reloads_in_fresh_process_with_same_logits(tiny_llama_dir, records, tmp_path, impl):
+    recipe = tiny_recipe(tiny_llama_dir, records, tmp_path / "out", lora_impl=impl, max_steps=3)
+    trainer = Trainer(recipe)
+    trainer.fit()
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    expected = probe_logits(model, trainer.tokenizer)
+    done = run_python(RELOAD, str(tmp_path / "out"), PROBE)
+    assert done.returncode == 0, done.stderr
+    reloaded = torch.load(tmp_path / "out" / "probe.pt")
+    base = probe_logits(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        trainer.tokenizer,
+    )
+    assert (expected - base).abs().max() > 1e-3  # the adapter learned something
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
+
+
+def test_overfitting_a_handful_of_records(tiny_llama_dir, records, tmp_path):
+    recipe = tiny_recipe(
+        tiny_llama_dir, records, tmp_path, num_samples=4, max_steps=60, lora_r=16, lora_alpha=32
+    )
+    history = Trainer(recipe).fit().history
+    first, last = history[0]["loss"], history[-1]["loss"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_recipe_end_to_end_writes_every_artefact(tiny_llama_dir, records, tmp_path):
+    out = tmp_path / "run"
+    done = accelerate_launch(
+        "--config_file",
+        "accelerate_configs/cpu.yaml",
+        "recipes/alpaca_lora.py",
+        "--model_name_or_path",
+        str(tiny_llama_dir),
+        "--dataset",
+        str(records),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--validation_size",
+        "4",
+        "--max_length",
+        "96",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "resolved_config.yaml",
+        "metrics.jsonl",
+        "metrics.json",
+        "loss_curve.png",
+    }
+    assert expected <= {p.name for p in out.iterdir()}
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(tiny_llama_dir)
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    assert all({"loss", "lr", "tokens_per_s"} <= row.keys() for row in steps)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("train_loss", "eval_loss", "eval_loss_before", "eval_perplexity", "wall_time_s"):
+        assert metrics[key] > 0
+    assert metrics["memory"]["peak_bytes"] > 0
+    assert metrics["techniques"]["lora_impl"] == "peft"
+    assert metrics["memory"]["trainable_params"] == 2 * 2 * 8 * (32 + 32)  # 2 layers x q,v
+    resolved = yaml.safe_load((out / "resolved_config.yaml").read_text())
+    assert resolved["max_steps"] == 3 and resolved["dataset"] == str(records)
+    assert "trainable params: 2,048 || all params:" in done.stderr + done.stdout
+
+
+def test_unknown_flag_is_one_clear_line(tmp_path):
+    done = accelerate_launch("recipes/alpaca_lora.py", "--lerning_rate", "1")
+    assert done.returncode != 0
+    assert "ftkit error: unknown field 'lerning_rate'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unknown_lora_target_lists_module_names(tiny_llama_dir, records, tmp_path):
+    for impl in ("peft", "ftkit"):
+        recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, lora_impl=impl, lora_target=["qq"])
+        with pytest.raises(LoraTargetError, match=r"q_proj.*v_proj|v_proj.*q_proj"):
+            Trainer(recipe)
+
+
+def test_missing_model_path(records, tmp_path):
+    recipe = tiny_recipe(tmp_path / "no-such-model", records, tmp_path)
+    with pytest.raises(ModelError, match="model path not found"):
+        Trainer(recipe)
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="fp16 mixed precision needs a CUDA GPU"):
+        resolve_mixed_precision("fp16", cuda_available=False)
+
+
+@pytest.mark.parametrize(
+    "requested, capability, expected",
+    [
+        ("bf16", (7, 5), "fp16"),
+        ("bf16", (8, 0), "bf16"),
+        ("fp16", (8, 0), "fp16"),
+        ("no", None, "no"),
+    ],
+)
+def test_precision_resolver_on_gpus(requested, capability, expected):
+    assert resolve_mixed_precision(requested, True, capability) == expected
