@@ -22,6 +22,7 @@ from ftkit.errors import FtkitError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_COMMIT_FILE = "adapter_config.json"
+FTKIT_COMMIT_FILE = "ftkit_adapter_config.json"
 
 
 @dataclass
@@ -155,7 +156,9 @@ def publish(staged: Path, target: Path) -> None:
     """Rename every staged file into ``target``, the config files last."""
     files = sorted(p for p in staged.iterdir() if p.is_file())
     commit = [p for p in files if p.name.endswith("config.json")]
-    for name in (p.name for p in commit):
+    # Remove every adapter commit file first (PEFT's and ftkit's): a stale one of the other
+    # format must not survive next to new weights.
+    for name in (ADAPTER_COMMIT_FILE, FTKIT_COMMIT_FILE):
         (target / name).unlink(missing_ok=True)
     for path in [p for p in files if p not in commit] + commit:
         os.replace(path, target / path.name)

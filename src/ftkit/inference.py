@@ -15,6 +15,7 @@ is what makes batched greedy decoding equal one-by-one decoding.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from ftkit.data import (
 from ftkit.errors import ConfigError, DataError
 from ftkit.lora import FTKIT_CONFIG_NAME, PEFT_CONFIG_NAME, AdapterError, load_adapter
 from ftkit.modeling import load_base_model, load_tokenizer, resolve_model_path
+
+logger = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 TUNED_LABEL = "fine-tuned"
@@ -146,7 +149,7 @@ def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
             model = loaded.model
     # PEFT raises RuntimeError (size mismatch) or ValueError (no target); ftkit an AdapterError.
     except (RuntimeError, ValueError) as err:
-        cause = " ".join(str(err).split())
+        cause = " ".join(str(err).split()).rstrip(".")
         raise AdapterError(
             f"adapter {adapter.path} was trained on {adapter.base_model_name_or_path!r} and does "
             f"not fit the model given, {loaded.base!r}: {cause[:300]}; load it onto its own base "
@@ -417,16 +420,22 @@ def evaluate_loss(
     """Mean cross-entropy per supervised token (training's masking and truncation), perplexity."""
     template = load_template()
     examples = [tokenize_record(r, tokenizer, max_length, template=template) for r in records]
-    examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not examples:
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not kept:
         raise DataError(f"every record's prompt fills max_length={max_length}; raise it")
+    if len(kept) < len(examples):
+        logger.warning(
+            "not scored: %d records whose prompt fills max_length=%d",
+            len(examples) - len(kept),
+            max_length,
+        )
     from ftkit.train import supervised_tokens  # lazily: ftkit.train pulls in accelerate + peft
 
     pad = collator(tokenizer)
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = pad(examples[start : start + batch_size]).to(device)
+    for start in range(0, len(kept), batch_size):
+        batch = pad(kept[start : start + batch_size]).to(device)
         n = int(supervised_tokens(batch))  # >= 1: every kept example supervises a response token
         loss_sum += float(model(**batch, num_items_in_batch=n).loss) * n
         tokens += n
@@ -435,7 +444,7 @@ def evaluate_loss(
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "tokens": tokens,
-        "records": len(examples),
+        "records": len(kept),
     }
 
 

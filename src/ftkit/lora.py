@@ -411,23 +411,26 @@ def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
     return matched
 
 
-def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
-    if next(lora_layers(model), None) is not None:
-        raise ValueError("model already carries ftkit LoRA layers; unload_lora() it or start fresh")
+def match_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Names of the Linear/Embedding modules the targets select; a target matching none is loud.
+
+    Shared by both implementations, so PEFT's LoRA fails with the same candidate list.
+    """
     adaptable = _adaptable_modules(model)
-    unmatched = [
-        target
-        for target in settings.target_modules
-        if not any(_matches(name, target) for name in adaptable)
-    ]
+    unmatched = [t for t in target_modules if not any(_matches(name, t) for name in adaptable)]
     if unmatched:
         raise LoraTargetError(
             f"LoRA target(s) {unmatched} match no Linear/Embedding module of "
             f"{type(model).__name__}; candidates: {_candidate_names(model)}"
         )
-    matched = [
-        name for name in adaptable if any(_matches(name, t) for t in settings.target_modules)
-    ]
+    return [name for name in adaptable if any(_matches(name, t) for t in target_modules)]
+
+
+def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
+    if next(lora_layers(model), None) is not None:
+        raise ValueError("model already carries ftkit LoRA layers; unload_lora() it or start fresh")
+    adaptable = _adaptable_modules(model)
+    matched = match_targets(model, settings.target_modules)
     try:
         for name in matched:  # named_modules order keeps the RNG draws in PEFT's order
             parent_name, _, child_name = name.rpartition(".")

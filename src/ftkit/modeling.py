@@ -119,6 +119,7 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
     from peft import LoraConfig, get_peft_model
 
     targets = lora.resolve_targets(model, targets)
+    logger.info("PEFT LoRA targets %s match: %s", list(targets), lora.match_targets(model, targets))
     peft_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.lora_r,

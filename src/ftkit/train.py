@@ -73,7 +73,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
-        self.memory = PeakMemoryMeter()
+        self.memory = PeakMemoryMeter().start()
         self.accelerator = accelerator or make_accelerator(recipe)
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
@@ -263,7 +263,6 @@ class Trainer:
         bar.close()
         wall_time = time.perf_counter() - start
         after = self.evaluate()
-        breakdown = tensor_bytes(acc.unwrap_model(self.model), self.optimizer)
         metrics = {
             "train_loss": log.last_loss,
             "eval_loss_before": before.get("eval_loss"),
@@ -275,7 +274,7 @@ class Trainer:
             "train_records": len(self.data.train),
             "eval_records": len(self.data.eval),
             "techniques": self.techniques(),
-            "memory": {**breakdown.as_dict(), **self.memory.read().as_dict()},
+            "memory": self.memory_figures(),
         }
         self.save_artifacts()
         if acc.is_main_process:
@@ -283,6 +282,25 @@ class Trainer:
             print(reporting.summary(metrics, self.output_dir))
         acc.wait_for_everyone()
         return TrainResult(self.output_dir, metrics, log.history)
+
+    def memory_figures(self) -> dict:
+        """Exact tensor bytes plus the measured peak; activations are the residual."""
+        tensors = tensor_bytes(self.accelerator.unwrap_model(self.model), self.optimizer)
+        peak = self.memory.read()
+        split = peak.split(tensors)
+        return {
+            "trainable_params": tensors.trainable_params,
+            "total_params": tensors.total_params,
+            "params_bytes": split.params,
+            "grads_bytes": split.grads,
+            "optimizer_bytes": split.optimizer,
+            "activations_bytes": split.activations,
+            "peak_bytes": split.peak,
+            "reserved_bytes": peak.reserved,
+            "peak_kind": "cuda max_memory_allocated"
+            if peak.device.startswith("cuda")
+            else "cpu peak RSS above process baseline",
+        }
 
     def techniques(self) -> dict:
         """What was active, recorded next to the figures so ablations need no guessing."""

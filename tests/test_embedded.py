@@ -1,0 +1,120 @@
+"""The embedded default: deterministic weights, a LLaMA-like tokenizer, a sane toy dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ftkit import embedded
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD_SCRIPT = ROOT / "scripts" / "build_embedded_assets.py"
+
+
+def _load_build_script():
+    spec = importlib.util.spec_from_file_location("build_embedded_assets", BUILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def build_script():
+    return _load_build_script()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return json.loads(embedded.embedded_dataset_path().read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(embedded.ASSETS_DIR / "tiny-llama")
+
+
+def _materialise_into(home: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("FTKIT_HOME", str(home))
+    return Path(embedded.resolve_model_path("ftkit:tiny-llama"))
+
+
+def test_materialisation_is_deterministic_and_loadable(tmp_path, monkeypatch):
+    first = _materialise_into(tmp_path / "a", monkeypatch)
+    second = _materialise_into(tmp_path / "b", monkeypatch)
+    assert first == (tmp_path / "a" / "tiny-llama").resolve() and first.is_absolute()
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model = AutoModelForCausalLM.from_pretrained(first)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    tok = AutoTokenizer.from_pretrained(first)
+    assert model.config.vocab_size == len(tok)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_materialisation_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    path = _materialise_into(tmp_path, monkeypatch)
+    weights = path / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert _materialise_into(tmp_path, monkeypatch) == path
+    assert weights.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+    (path / embedded.STAMP_FILE).write_text(json.dumps({"assets_sha256": "stale"}))
+    assert _materialise_into(tmp_path, monkeypatch) == path
+    assert json.loads((path / embedded.STAMP_FILE).read_text())["assets_sha256"] != "stale"
+
+
+def test_resolve_passes_through_and_rejects_unknown_names():
+    assert embedded.resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert embedded.resolve_model_path("/some/local/dir") == "/some/local/dir"
+    with pytest.raises(ValueError, match="ftkit:tiny-llama"):
+        embedded.resolve_model_path("ftkit:nope")
+
+
+def test_tokenizer_behaves_like_llama_with_a_real_pad(tokenizer):
+    ids = tokenizer("Add the two numbers.").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] != tokenizer.eos_token_id
+    assert tokenizer.bos_token_id not in ids[1:]
+    assert [tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token] == [
+        "<unk>", "<s>", "</s>", "<pad>"
+    ]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_tokenizer_round_trips_records_and_templates(tokenizer, records, build_script):
+    texts = [build_script.PROMPT_INPUT, build_script.PROMPT_NO_INPUT]
+    for record in records:
+        texts += [record["instruction"], record["input"], record["output"]]
+        texts.append(build_script.format_prompt(record) + record["output"])
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text, add_special_tokens=False).input_ids) == text
+
+
+def test_dataset_records(records, tokenizer, build_script):
+    assert 300 <= len(records) <= 600
+    for record in records:
+        assert set(record) == {"instruction", "input", "output"}
+        assert all(isinstance(value, str) for value in record.values())
+        assert record["instruction"] and record["output"]
+        text = build_script.format_prompt(record) + record["output"]
+        assert len(tokenizer(text).input_ids) < 128
+    with_input = sum(bool(r["input"]) for r in records)
+    assert 0 < with_input < len(records)  # both Alpaca templates occur
+
+
+def test_build_script_reproduces_shipped_assets(tmp_path):
+    subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path)], check=True)
+    shipped = sorted(p.relative_to(embedded.ASSETS_DIR) for p in embedded.ASSETS_DIR.rglob("*.json"))
+    rebuilt = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
+    assert rebuilt == shipped
+    for rel in shipped:
+        assert (tmp_path / rel).read_bytes() == (embedded.ASSETS_DIR / rel).read_bytes(), rel
