@@ -27,7 +27,7 @@ from ftkit.io import atomic_write_text
 @dataclass
 class ReportArgs:
     compare_base: bool = field(
-        default=False, metadata={"help": "Also answer with the base model (adapter disabled)."}
+        default=False, metadata={"help": "Also answer with the base model alone (before)."}
     )
     report: str | None = field(
         default=None, metadata={"help": "Write the answers as a Markdown table to this path."}

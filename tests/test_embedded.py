@@ -57,7 +57,10 @@ def test_materialisation_is_deterministic_and_loadable(tmp_path, monkeypatch):
     assert type(model).__name__ == "LlamaForCausalLM"
     tok = AutoTokenizer.from_pretrained(first)
     assert model.config.vocab_size == len(tok)
-    assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    assert (model.config.bos_token_id, model.config.eos_token_id) == (
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
     assert model.config.pad_token_id == tok.pad_token_id
 
 
@@ -85,7 +88,10 @@ def test_tokenizer_behaves_like_llama_with_a_real_pad(tokenizer):
     assert ids[0] == tokenizer.bos_token_id and ids[-1] != tokenizer.eos_token_id
     assert tokenizer.bos_token_id not in ids[1:]
     assert [tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token] == [
-        "<unk>", "<s>", "</s>", "<pad>"
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
     ]
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
@@ -113,7 +119,9 @@ def test_dataset_records(records, tokenizer, build_script):
 
 def test_build_script_reproduces_shipped_assets(tmp_path):
     subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path)], check=True)
-    shipped = sorted(p.relative_to(embedded.ASSETS_DIR) for p in embedded.ASSETS_DIR.rglob("*.json"))
+    shipped = sorted(
+        p.relative_to(embedded.ASSETS_DIR) for p in embedded.ASSETS_DIR.rglob("*.json")
+    )
     rebuilt = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     assert rebuilt == shipped
     for rel in shipped:

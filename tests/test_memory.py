@@ -30,9 +30,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 def tiny_llama() -> LlamaConfig:
     # Grouped-query attention (2 kv heads) so k/v widths differ from q.
-    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                       max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def tiny_bloom() -> BloomConfig:
@@ -47,10 +54,11 @@ def build(cfg, plan: TrainingPlan) -> torch.nn.Module:
         return model
     if plan.precision != "fp32":
         model = model.to(torch.bfloat16 if plan.precision == "bf16" else torch.float16)
-    targets = list(plan.lora_targets or (["q_proj", "v_proj"] if cfg.model_type == "llama"
-                                         else ["query_key_value"]))
-    return get_peft_model(model, LoraConfig(r=plan.lora_r, lora_alpha=16,
-                                            target_modules=targets))
+    targets = list(
+        plan.lora_targets
+        or (["q_proj", "v_proj"] if cfg.model_type == "llama" else ["query_key_value"])
+    )
+    return get_peft_model(model, LoraConfig(r=plan.lora_r, lora_alpha=16, target_modules=targets))
 
 
 def one_step(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -77,10 +85,15 @@ def test_planner_matches_real_tensors_exactly(arch, r, precision):
     real = tensor_bytes(model, opt)
     predicted = estimate(cfg, plan)
     assert real.grads_materialised
-    assert (predicted.params, predicted.grads, predicted.optimizer) == \
-        (real.params, real.grads, real.optimizer)
-    assert (predicted.trainable_params, predicted.total_params) == \
-        (real.trainable_params, real.total_params)
+    assert (predicted.params, predicted.grads, predicted.optimizer) == (
+        real.params,
+        real.grads,
+        real.optimizer,
+    )
+    assert (predicted.trainable_params, predicted.total_params) == (
+        real.trainable_params,
+        real.total_params,
+    )
 
 
 def test_tensor_bytes_before_backward_counts_what_backward_will_allocate():
@@ -95,14 +108,23 @@ def test_tensor_bytes_before_backward_counts_what_backward_will_allocate():
 
 
 def test_lora_trainable_count_is_r_times_in_plus_out_per_adapted_module():
-    r, cfg = 8, LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                            num_attention_heads=4, vocab_size=100)
+    r, cfg = (
+        8,
+        LlamaConfig(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            vocab_size=100,
+        ),
+    )
     est = estimate(cfg, TrainingPlan(lora_r=r))
     h = cfg.hidden_size
     assert est.trainable_params == cfg.num_hidden_layers * 2 * r * (h + h)  # q and v: h -> h
     peft_model = build(cfg, TrainingPlan(lora_r=r, precision="fp32"))
-    assert est.trainable_params == sum(p.numel() for p in peft_model.parameters()
-                                       if p.requires_grad)
+    assert est.trainable_params == sum(
+        p.numel() for p in peft_model.parameters() if p.requires_grad
+    )
 
     bloom = tiny_bloom()
     whole = estimate(bloom, TrainingPlan(lora_r=r)).trainable_params
@@ -118,14 +140,21 @@ def test_gradient_checkpointing_lowers_predicted_activations(model, r):
     without = estimate(model, plan)
     with_gc = estimate(model, TrainingPlan(**{**plan.__dict__, "gradient_checkpointing": True}))
     assert with_gc.activations < without.activations
-    assert (with_gc.params, with_gc.grads, with_gc.optimizer) == \
-        (without.params, without.grads, without.optimizer)
+    assert (with_gc.params, with_gc.grads, with_gc.optimizer) == (
+        without.params,
+        without.grads,
+        without.optimizer,
+    )
 
 
 def test_presets_match_published_parameter_counts():
     # Llama-2 paper: 7B and 13B; BLOOM paper Table 1: 1,722M and 7,069M.
-    expected = {"llama2-7b": 6_738_415_616, "llama2-13b": 13_015_864_320,
-                "bloom-1b7": 1_722_408_960, "bloom-7b1": 7_069_016_064}
+    expected = {
+        "llama2-7b": 6_738_415_616,
+        "llama2-13b": 13_015_864_320,
+        "bloom-1b7": 1_722_408_960,
+        "bloom-7b1": 7_069_016_064,
+    }
     assert set(expected) == set(PRESETS)
     for name, count in expected.items():
         assert estimate(name, TrainingPlan(lora_r=None)).total_params == count
@@ -137,8 +166,10 @@ def test_verdicts():
     assert not verdict.fits
     assert full.params == 4 * 6_738_415_616 > verdict.gpu.memory  # the weights alone overflow
 
-    qlora = estimate("llama2-7b", TrainingPlan(lora_r=8, precision="fp16", quantization="4bit",
-                                               micro_batch_size=1))
+    qlora = estimate(
+        "llama2-7b",
+        TrainingPlan(lora_r=8, precision="fp16", quantization="4bit", micro_batch_size=1),
+    )
     assert qlora.verdict("T4").fits
 
     # LoRA fp16 without checkpointing overflows a T4; the cheapest change must be the first one
@@ -156,11 +187,14 @@ def test_verdicts():
 def test_sharding_divides_per_device_state():
     plan = TrainingPlan(lora_r=None, precision="bf16", gradient_checkpointing=True)
     single = estimate("llama2-7b", plan)
-    zero3 = estimate("llama2-7b", TrainingPlan(**{**plan.__dict__, "world_size": 4,
-                                                  "strategy": "zero3"}))
+    zero3 = estimate(
+        "llama2-7b", TrainingPlan(**{**plan.__dict__, "world_size": 4, "strategy": "zero3"})
+    )
     assert zero3.optimizer * 4 >= single.optimizer  # 12 bytes/param (fp32 master + m + v) / 4
-    assert zero3.params + zero3.grads + zero3.optimizer < \
-        (single.params + single.grads + single.optimizer) / 3
+    assert (
+        zero3.params + zero3.grads + zero3.optimizer
+        < (single.params + single.grads + single.optimizer) / 3
+    )
 
 
 def test_plan_validation():
@@ -182,8 +216,10 @@ def test_unknown_preset_and_missing_dir_name_the_valid_choices(tmp_path, capsys)
 
 def test_cli_reads_a_local_config_dir_and_prints_categories(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path)
-    assert estimate_main(["--model", str(tmp_path), "--full", "--precision", "fp32",
-                          "--gpu", "T4"]) == 0
+    assert (
+        estimate_main(["--model", str(tmp_path), "--full", "--precision", "fp32", "--gpu", "T4"])
+        == 0
+    )
     out = capsys.readouterr().out
     for word in ("params", "grads", "optimizer", "activations", "overhead", "total", "T4"):
         assert word in out
@@ -223,9 +259,16 @@ print(json.dumps({"peak": reading.peak, "exact": reading.exact,
 
 def test_fresh_processes_tell_full_fine_tuning_from_lora_apart():
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    procs = {kind: subprocess.Popen([sys.executable, "-c", _CELL, kind], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for kind in ("full", "lora")}
+    procs = {
+        kind: subprocess.Popen(
+            [sys.executable, "-c", _CELL, kind],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("full", "lora")
+    }
     results = {}
     for kind, proc in procs.items():
         out, err = proc.communicate(timeout=120)

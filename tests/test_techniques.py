@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from helpers import REPO, accelerate_launch, tiny_recipe, write_records
 
 from ftkit import checkpoint
@@ -70,7 +71,9 @@ def test_mean_of_micro_batch_means_would_differ(tiny_llama_dir, records, tmp_pat
         (trainer.model(**batch).loss / 4).backward()
     naive = lora_grads(trainer.model)
     exact = first_window_grads(recipe)
-    biggest = max((naive[n] - exact[n]).abs().max() / exact[n].abs().max() for n in exact)
+    learning = [n for n in exact if exact[n].abs().max() > 0]  # lora_A has no grad while B == 0
+    assert learning
+    biggest = max((naive[n] - exact[n]).abs().max() / exact[n].abs().max() for n in learning)
     assert biggest > 1e-3
 
 
@@ -138,10 +141,14 @@ def test_bf16_autocast_on_cpu_close_to_fp32(tiny_llama_dir, records, tmp_path):
     window = next(fp32.windows())
     loss32 = fp32.backward_window(window)
     grads32 = lora_grads(fp32.model)
-    bf16 = Trainer(recipe, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
-    loss16 = bf16.backward_window(window)
-    grads16 = lora_grads(bf16.accelerator.unwrap_model(bf16.model))
-    assert bf16.accelerator.mixed_precision == "bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed_precision per process
+    try:
+        bf16 = Trainer(recipe, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+        loss16 = bf16.backward_window(window)
+        grads16 = lora_grads(bf16.accelerator.unwrap_model(bf16.model))
+        assert bf16.accelerator.mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert abs(float(loss16) - float(loss32)) / float(loss32) < 0.02
     for name, g in grads32.items():
         assert (grads16[name] - g).abs().max() <= 0.05 * g.abs().max(), name
@@ -336,15 +343,23 @@ def test_ddp_two_processes_equal_one_big_batch(tiny_llama_dir, records, tmp_path
             max_steps=2,
         )
     )
+    # Compare gradients at the same weights: Adam turns fp-noise-sized gradients into lr-sized
+    # steps of either sign, so weights after a step are not a stable thing to compare.
     model = single.accelerator.unwrap_model(single.model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for step, window in enumerate(single.windows(), start=1):
-        single.train_step(window)
         rank0 = torch.load(dump / f"rank0_step{step}.pt")
         rank1 = torch.load(dump / f"rank1_step{step}.pt")
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                assert torch.equal(rank0[name], rank1[name]), name
-                torch.testing.assert_close(rank0[name], param.detach(), rtol=1e-4, atol=1e-6)
+        for kind in ("grads", "weights"):
+            for name in params:
+                assert torch.equal(rank0[kind][name], rank1[kind][name]), (kind, name)
+        single.backward_window(window)
+        assert_grads_close(rank0["grads"], lora_grads(model))
+        single.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(rank0["weights"][name])
         if step == 2:
             break
+    assert any(g.abs().max() > 0 for n, g in rank0["grads"].items() if "lora_A" in n)
     assert (tmp_path / "ddp" / "adapter_model.safetensors").is_file()

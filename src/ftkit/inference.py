@@ -45,10 +45,6 @@ TUNED_LABEL = "fine-tuned"
 ADAPTER_FORMATS = {PEFT_CONFIG_NAME: "peft", FTKIT_CONFIG_NAME: "ftkit"}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # -- the adapter and its base ---------------------------------------------------------------------
 
 
@@ -131,13 +127,13 @@ def load_base(args: AdapterArgs, device: torch.device | str | None = None) -> Lo
     base = adapter.base_for(args.base_model)
     model = load_base_model(ModelConfig(model_name_or_path=base, model_dtype=args.dtype))
     model.config.use_cache = True  # load_base_model turns it off for training
-    model.to(device or default_device()).eval()
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
     return LoadedBase(model, tokenizer, adapter, base)
 
 
 def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
-    """The fine-tuned model (eval mode); a misfit names the adapter's base and the model given."""
+    """The fine-tuned model (eval mode); a failure names the adapter's base and the model given."""
     adapter = loaded.adapter
     try:
         if adapter.format == "peft":
@@ -149,11 +145,12 @@ def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
             model = loaded.model
     # PEFT raises RuntimeError (size mismatch) or ValueError (no target); ftkit an AdapterError.
     except (RuntimeError, ValueError) as err:
-        cause = " ".join(str(err).split()).rstrip(".")
+        cause = " ".join(str(err).split()).rstrip(".")  # one line, however PEFT formats it
+        own_base = adapter.base_model_name_or_path
+        hint = "" if loaded.base == own_base else " (leave out --base_model to use its own base)"
         raise AdapterError(
-            f"adapter {adapter.path} was trained on {adapter.base_model_name_or_path!r} and does "
-            f"not fit the model given, {loaded.base!r}: {cause[:300]}; load it onto its own base "
-            "(leave out --base_model)"
+            f"cannot load adapter {adapter.path}, trained on {own_base!r}, onto the model given, "
+            f"{loaded.base!r}: {cause[:300]}{hint}"
         ) from err
     return model.eval()
 
@@ -187,6 +184,9 @@ class PromptArgs:
         default=None, metadata={"help": "Alpaca .json/.jsonl file (or Hub id): its instructions."}
     )
     num_samples: int = field(default=5, metadata={"help": "First N --dataset records (0 = all)."})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed --dataset records instead of failing."}
+    )
 
     def __post_init__(self):
         given = [self.instruction, self.prompts_file, self.dataset]
@@ -204,7 +204,7 @@ def load_prompts(args: PromptArgs) -> list[Prompt]:
     if args.prompts_file is not None:
         return read_prompts_file(args.prompts_file)
     records = load_records(args.dataset, num_samples=args.num_samples)
-    records = validate_records(records, resolve_dataset(args.dataset))
+    records = validate_records(records, resolve_dataset(args.dataset), args.skip_bad_records)
     return [Prompt(r["instruction"], r["input"], r["output"]) for r in records]
 
 
@@ -338,7 +338,7 @@ def generate_before_after(
     options: GenerationOptions,
     compare_base: bool = False,
 ) -> BeforeAfter:
-    """The fine-tuned model's answers, after the base's (adapter not yet attached) if asked."""
+    """The fine-tuned model's answers and, with ``compare_base``, first the base's alone."""
     loaded = load_base(args)
     texts = [prompt.text() for prompt in prompts]
     columns = {}
@@ -403,6 +403,9 @@ class EvalArgs:
     num_samples: int = field(default=0, metadata={"help": "First N records (0 = all)."})
     max_length: int = field(default=256, metadata={"help": "Truncate prompt+response to N tokens."})
     batch_size: int = field(default=8, metadata={"help": "Records per forward pass."})
+    skip_bad_records: bool = field(
+        default=False, metadata={"help": "Skip malformed records instead of failing."}
+    )
 
     def __post_init__(self):
         if self.num_samples < 0:
@@ -413,11 +416,8 @@ class EvalArgs:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model, tokenizer, records: Sequence[dict], max_length: int, batch_size: int
-) -> dict:
-    """Mean cross-entropy per supervised token (training's masking and truncation), perplexity."""
+def eval_examples(records: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
+    """Training's tokenisation and label masks, less records whose prompt fills max_length."""
     template = load_template()
     examples = [tokenize_record(r, tokenizer, max_length, template=template) for r in records]
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
@@ -429,14 +429,20 @@ def evaluate_loss(
             len(examples) - len(kept),
             max_length,
         )
+    return kept
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokenizer, examples: Sequence[dict], batch_size: int) -> dict:
+    """Mean cross-entropy per supervised token over ``eval_examples``, and its perplexity."""
     from ftkit.train import supervised_tokens  # lazily: ftkit.train pulls in accelerate + peft
 
     pad = collator(tokenizer)
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
-    for start in range(0, len(kept), batch_size):
-        batch = pad(kept[start : start + batch_size]).to(device)
-        n = int(supervised_tokens(batch))  # >= 1: every kept example supervises a response token
+    for start in range(0, len(examples), batch_size):
+        batch = pad(list(examples[start : start + batch_size])).to(device)
+        n = int(supervised_tokens(batch))  # >= 1: every example supervises a response token
         loss_sum += float(model(**batch, num_items_in_batch=n).loss) * n
         tokens += n
     loss = loss_sum / tokens
@@ -444,16 +450,18 @@ def evaluate_loss(
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "tokens": tokens,
-        "records": len(kept),
+        "records": len(examples),
     }
 
 
 def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
-    """Base, then fine-tuned, scored on the same records."""
+    """Base, then fine-tuned, scored on the same examples."""
     records = load_records(eval_args.dataset, num_samples=eval_args.num_samples)
-    records = validate_records(records, resolve_dataset(eval_args.dataset))
+    source = resolve_dataset(eval_args.dataset)
+    records = validate_records(records, source, eval_args.skip_bad_records)
     loaded = load_base(args)
-    score = (loaded.tokenizer, records, eval_args.max_length, eval_args.batch_size)
+    examples = eval_examples(records, loaded.tokenizer, eval_args.max_length)
+    score = (loaded.tokenizer, examples, eval_args.batch_size)
     base = evaluate_loss(loaded.model, *score)
     tuned = evaluate_loss(attach_adapter(loaded), *score)
     results = {BASE_LABEL: base, TUNED_LABEL: tuned}

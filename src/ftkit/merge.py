@@ -7,7 +7,8 @@ therefore always loaded in full precision (float32 unless ``dtype`` says otherwi
 point ``--base_model`` at its full-precision original.
 
 The merge is checked, not trusted: the adapter model's logits on a probe prompt are compared with
-the merged model's, and the largest difference is reported (about 1e-7 in float32).
+the merged model's, and the largest difference is reported: about 1e-7 in float32; in bfloat16
+the rounding of ``W + BA`` shows (about 3e-3 on the tiny test models).
 """
 
 from __future__ import annotations
