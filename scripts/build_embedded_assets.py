@@ -33,20 +33,51 @@ PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-WORDS = "cat dog fox owl cow hen bee ant pig rat sun moon star tree lake rock boat cup hat key".split()
+WORDS = (
+    ["cat", "dog", "fox", "owl", "cow", "hen", "bee", "ant", "pig", "rat", "sun", "moon", "star", "tree", "lake", "rock", "boat", "cup", "hat", "key"]
+)
 LETTERS = "abcdefgh"
 ANTONYMS = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("old", "new"),
-    ("happy", "sad"), ("light", "dark"), ("open", "closed"), ("full", "empty"), ("early", "late"),
-    ("hard", "soft"), ("wet", "dry"), ("high", "low"), ("left", "right"), ("yes", "no"),
-    ("day", "night"), ("rich", "poor"), ("win", "lose"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("fast", "slow"),
+    ("old", "new"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("hard", "soft"),
+    ("wet", "dry"),
+    ("high", "low"),
+    ("left", "right"),
+    ("yes", "no"),
+    ("day", "night"),
+    ("rich", "poor"),
+    ("win", "lose"),
 ]
 COLOURS = {
-    "a banana": "yellow", "a lemon": "yellow", "the sun": "yellow", "grass": "green",
-    "a leaf": "green", "a frog": "green", "the sky": "blue", "the sea": "blue", "a tomato": "red",
-    "a strawberry": "red", "a cherry": "red", "snow": "white", "milk": "white", "a cloud": "white",
-    "coal": "black", "a crow": "black", "a carrot": "orange", "a pumpkin": "orange",
-    "chocolate": "brown", "a bear": "brown",
+    "a banana": "yellow",
+    "a lemon": "yellow",
+    "the sun": "yellow",
+    "grass": "green",
+    "a leaf": "green",
+    "a frog": "green",
+    "the sky": "blue",
+    "the sea": "blue",
+    "a tomato": "red",
+    "a strawberry": "red",
+    "a cherry": "red",
+    "snow": "white",
+    "milk": "white",
+    "a cloud": "white",
+    "coal": "black",
+    "a crow": "black",
+    "a carrot": "orange",
+    "a pumpkin": "orange",
+    "chocolate": "brown",
+    "a bear": "brown",
 }
 NUMBER_WORDS = ["two", "three", "four"]
 
@@ -201,7 +232,9 @@ def build(out: Path) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     _write_json(out / "tiny_instructions.json", records)
     _write_json(model_dir / "config.json", model_config(tokenizer.get_vocab_size()))
-    (model_dir / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    (model_dir / "tokenizer.json").write_text(
+        tokenizer.to_str(pretty=True) + "\n", encoding="utf-8"
+    )
     for name, obj in tokenizer_files().items():
         _write_json(model_dir / name, obj)
 

@@ -110,7 +110,9 @@ class AdapterConfig:
             f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLS}",
         )
         _require(self.lora_r > 0, f"lora_r must be > 0, got {self.lora_r}")
-        _require(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _require(
+            0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"
+        )
 
 
 @dataclass
@@ -130,7 +132,9 @@ class TrainConfig:
     warmup_ratio: float = field(default=0.03)
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip grad norm; 0 disables."})
     logging_steps: int = field(default=1)
-    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = at the end)."})
+    eval_steps: int = field(
+        default=0, metadata={"help": "Evaluate every N steps (0 = at the end)."}
+    )
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0 = never)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
@@ -198,7 +202,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe file not found: {path} (pass --config PATH.yaml, see recipes/)")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{path} must hold a mapping of field: value, got {type(values).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of field: value, got {type(values).__name__}"
+        )
     return values
 
 

@@ -39,7 +39,7 @@ class PromptTemplate:
     prompt_no_input: str
     response_split: str
 
-    def format(self, instruction: str, input: str = "") -> str:  # noqa: A002 - Alpaca's field name
+    def format(self, instruction: str, input: str = "") -> str:
         if input:
             return self.prompt_input.format(instruction=instruction, input=input)
         return self.prompt_no_input.format(instruction=instruction)
@@ -150,7 +150,9 @@ def tokenize_record(
     response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
     input_ids = (prompt_ids + response_ids + [tokenizer.eos_token_id])[:max_length]
     n_prompt = min(len(prompt_ids), len(input_ids))
-    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
+    labels = (
+        list(input_ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + input_ids[n_prompt:]
+    )
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
@@ -174,7 +176,9 @@ class InstructionData:
     dropped_too_long: int
 
 
-def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> InstructionData:
+def build_datasets(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> InstructionData:
     """Load, validate, split and tokenise; the split is seeded so every process sees the same one."""
     source = resolve_dataset(cfg.dataset)
     records = validate_records(
@@ -203,7 +207,9 @@ def build_datasets(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
         dropped += len(part) - len(kept)
         tokenized.append(kept)
     if dropped:
-        logger.warning("dropped %d records whose prompt fills max_length=%d", dropped, cfg.max_length)
+        logger.warning(
+            "dropped %d records whose prompt fills max_length=%d", dropped, cfg.max_length
+        )
     if len(tokenized[0]) == 0:
         raise DataError(f"no training records left from {source}; raise max_length or num_samples")
     return InstructionData(tokenized[0], tokenized[1], dropped)

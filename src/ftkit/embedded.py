@@ -28,7 +28,12 @@ EMBEDDED_MODELS = ("tiny-llama",)
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 MODEL_SEED = 0
 STAMP_FILE = "ftkit_embedded.json"
-_SHIPPED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_SHIPPED_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def ftkit_home() -> Path:

@@ -137,8 +137,9 @@ class PeakMemory:
         copies, loss-gradient buffers, allocator slack), which the planner models explicitly.
         """
         rest = self.peak - tensors.params - tensors.grads - tensors.optimizer
-        return MeasuredMemory(tensors.params, tensors.grads, tensors.optimizer, max(rest, 0),
-                              self.peak)
+        return MeasuredMemory(
+            tensors.params, tensors.grads, tensors.optimizer, max(rest, 0), self.peak
+        )
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
@@ -187,8 +188,10 @@ class PeakMemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = (torch.cuda.memory_allocated(self.device),
-                           torch.cuda.memory_reserved(self.device))
+            self._start = (
+                torch.cuda.memory_allocated(self.device),
+                torch.cuda.memory_reserved(self.device),
+            )
         else:
             if self.pin_malloc:
                 self.malloc_pinned = _pin_glibc_mmap_threshold()
@@ -265,10 +268,12 @@ class TrainingPlan:
                 raise ValueError("lora_targets must name at least one module")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name, value, valid in (("precision", self.precision, PRECISIONS),
-                                   ("quantization", self.quantization, QUANTIZATIONS),
-                                   ("strategy", self.strategy, STRATEGIES),
-                                   ("device", self.device, DEVICES)):
+        for name, value, valid in (
+            ("precision", self.precision, PRECISIONS),
+            ("quantization", self.quantization, QUANTIZATIONS),
+            ("strategy", self.strategy, STRATEGIES),
+            ("device", self.device, DEVICES),
+        ):
             if value not in valid:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         if self.quantization is not None and self.lora_r is None:
@@ -334,22 +339,63 @@ class _Arch:
         if kind == "llama":
             heads = cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or h // heads
-            q, kv, i = heads * head_dim, (cfg.num_key_value_heads or heads) * head_dim, \
-                cfg.intermediate_size
+            q, kv, i = (
+                heads * head_dim,
+                (cfg.num_key_value_heads or heads) * head_dim,
+                cfg.intermediate_size,
+            )
             ab, mb = bool(cfg.attention_bias), bool(cfg.mlp_bias)
-            linears = (_Linear("q_proj", h, q, ab), _Linear("k_proj", h, kv, ab),
-                       _Linear("v_proj", h, kv, ab), _Linear("o_proj", q, h, ab),
-                       _Linear("gate_proj", h, i, mb), _Linear("up_proj", h, i, mb),
-                       _Linear("down_proj", i, h, mb))
-            return cls(kind, h, cfg.num_hidden_layers, heads, q, kv, i, v, tied, linears,
-                       2 * h, h, 2, 1, ("q_proj", "v_proj"))
+            linears = (
+                _Linear("q_proj", h, q, ab),
+                _Linear("k_proj", h, kv, ab),
+                _Linear("v_proj", h, kv, ab),
+                _Linear("o_proj", q, h, ab),
+                _Linear("gate_proj", h, i, mb),
+                _Linear("up_proj", h, i, mb),
+                _Linear("down_proj", i, h, mb),
+            )
+            return cls(
+                kind,
+                h,
+                cfg.num_hidden_layers,
+                heads,
+                q,
+                kv,
+                i,
+                v,
+                tied,
+                linears,
+                2 * h,
+                h,
+                2,
+                1,
+                ("q_proj", "v_proj"),
+            )
         if kind == "bloom":
-            linears = (_Linear("query_key_value", h, 3 * h, True), _Linear("dense", h, h, True),
-                       _Linear("dense_h_to_4h", h, 4 * h, True),
-                       _Linear("dense_4h_to_h", 4 * h, h, True))
+            linears = (
+                _Linear("query_key_value", h, 3 * h, True),
+                _Linear("dense", h, h, True),
+                _Linear("dense_h_to_4h", h, 4 * h, True),
+                _Linear("dense_4h_to_h", 4 * h, h, True),
+            )
             # LayerNorms carry weight and bias: two per block, embedding LN and ln_f outside.
-            return cls(kind, h, cfg.n_layer, cfg.n_head, h, h, 4 * h, v, tied, linears,
-                       4 * h, 4 * h, 4, 4, ("query_key_value",))
+            return cls(
+                kind,
+                h,
+                cfg.n_layer,
+                cfg.n_head,
+                h,
+                h,
+                4 * h,
+                v,
+                tied,
+                linears,
+                4 * h,
+                4 * h,
+                4,
+                4,
+                ("query_key_value",),
+            )
         raise ValueError(f"unsupported model_type {kind!r}; the planner knows llama and bloom")
 
     def lora_shapes(self, targets: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -402,12 +448,17 @@ class _Regime:
         weights under autocast keep it fp32.  DeepSpeed runs the half model without autocast."""
         half = plan.precision != "fp32"
         half_weights = half and (not plan.full or plan.strategy in ("zero2", "zero3"))
-        return cls(train_base=plan.full, c=2 if half else 4,
-                   resid=2 if half_weights else 4, autocast=half and not (
-                       plan.full and plan.strategy in ("zero2", "zero3")),
-                   targets=frozenset(t.split(":")[0] for t in targets), r=plan.lora_r or 0,
-                   dropout=plan.lora_dropout > 0, mask=1 if plan.device == "cuda" else 4,
-                   cuda=plan.device == "cuda")
+        return cls(
+            train_base=plan.full,
+            c=2 if half else 4,
+            resid=2 if half_weights else 4,
+            autocast=half and not (plan.full and plan.strategy in ("zero2", "zero3")),
+            targets=frozenset(t.split(":")[0] for t in targets),
+            r=plan.lora_r or 0,
+            dropout=plan.lora_dropout > 0,
+            mask=1 if plan.device == "cuda" else 4,
+            cuda=plan.device == "cuda",
+        )
 
     def linear_inputs(self, x_bytes: int, width: int, names, *, x_counted=False) -> int:
         """Bytes per token kept for the inputs of the linears ``names`` that all read one tensor x.
@@ -503,8 +554,9 @@ def _head(a: _Arch, R: _Regime) -> int:
     return norm + R.linear_inputs(head_in, h, ("lm_head",)) + 4 * a.vocab
 
 
-def _activation_phases(a: _Arch, plan: TrainingPlan, R: _Regime, opt_temp: int,
-                       quantized_weight: int) -> dict[str, int]:
+def _activation_phases(
+    a: _Arch, plan: TrainingPlan, R: _Regime, opt_temp: int, quantized_weight: int
+) -> dict[str, int]:
     """Peak transient bytes of each phase of a step; the activation estimate is their maximum.
 
     Gradients are assumed to persist through the step (gradient accumulation, or
@@ -546,8 +598,9 @@ def _activation_phases(a: _Arch, plan: TrainingPlan, R: _Regime, opt_temp: int,
         phases = {"block backward": T * (kept + bwd) + all_copies + quantized_weight}
     phases["forward"] = T * (kept + head + logits) + all_copies
     phases["loss backward"] = T * (kept + head + 8 * V) + graph_copies
-    phases["lm_head backward"] = T * (kept + head + (2 * V if R.c == 2 else 0)) + graph_copies \
-        + head_grad
+    phases["lm_head backward"] = (
+        T * (kept + head + (2 * V if R.c == 2 else 0)) + graph_copies + head_grad
+    )
     phases["optimizer step"] = opt_temp
     return phases
 
@@ -600,9 +653,11 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.activations + self.overhead
 
     def table(self) -> str:
-        rows = [f"{self.model}: {self.plan.describe()}",
-                f"  trainable {self.trainable_params:,} of {self.total_params:,} parameters "
-                f"({100 * self.trainable_params / self.total_params:.3f} %)"]
+        rows = [
+            f"{self.model}: {self.plan.describe()}",
+            f"  trainable {self.trainable_params:,} of {self.total_params:,} parameters "
+            f"({100 * self.trainable_params / self.total_params:.3f} %)",
+        ]
         for name in ("params", "grads", "optimizer", "activations", "overhead"):
             rows.append(f"  {name:<12}{_gib(getattr(self, name))}")
         rows.append(f"  {'total':<12}{_gib(self.total)} per device")
@@ -639,14 +694,17 @@ class Verdict:
     suggestion: MemoryEstimate | None
 
     def __str__(self) -> str:
-        head = (f"{self.gpu.name:<10} {self.estimate.total / GIB:6.1f} / "
-                f"{self.gpu.memory / GIB:5.1f}")
+        head = (
+            f"{self.gpu.name:<10} {self.estimate.total / GIB:6.1f} / {self.gpu.memory / GIB:5.1f}"
+        )
         if self.fits:
             return f"{head} GiB  fits"
         if self.suggestion is None:
             return f"{head} GiB  does not fit, even with: {'; '.join(self.changes)}"
-        return (f"{head} GiB  does not fit; fits with {'; '.join(self.changes)} "
-                f"({self.suggestion.total / GIB:.1f} GiB)")
+        return (
+            f"{head} GiB  does not fit; fits with {'; '.join(self.changes)} "
+            f"({self.suggestion.total / GIB:.1f} GiB)"
+        )
 
 
 def _gpu(gpu: str | GPU) -> GPU:
@@ -671,8 +729,10 @@ def _cheaper_plans(plan: TrainingPlan):
     while plan.micro_batch_size > 1:
         plan = replace(plan, micro_batch_size=plan.micro_batch_size // 2)
         accumulation = math.ceil(batch / plan.micro_batch_size)
-        changes = (*steps, f"micro-batch {plan.micro_batch_size} with gradient accumulation "
-                           f"x{accumulation}")
+        changes = (
+            *steps,
+            f"micro-batch {plan.micro_batch_size} with gradient accumulation x{accumulation}",
+        )
         yield changes, plan
     if not plan.full:
         steps = changes
@@ -685,8 +745,9 @@ def _cheaper_plans(plan: TrainingPlan):
             yield (*changes, f"{n} GPUs with FSDP"), replace(plan, world_size=n, strategy="fsdp")
 
 
-def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = None
-             ) -> MemoryEstimate:
+def estimate(
+    model_config: PretrainedConfig | str, plan: TrainingPlan | None = None
+) -> MemoryEstimate:
     """Predict per-device training memory of a LLaMA or BLOOM config (or preset name).
 
     Parameters, gradients and optimizer state are exact for a single process (they match
@@ -708,10 +769,15 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
     base_params = L * a.block_params + a.embedding_params + a.outer_norm_params
     lora_params = L * plan.lora_r * sum(d_in + d_out for d_in, d_out in lora) if lora else 0
     trainable = base_params if plan.full else lora_params
-    n_trainable_tensors = (L * (len(a.linears) + sum(lin.bias for lin in a.linears)
-                                + a.block_norm_tensors)
-                           + (1 if a.tied else 2) + a.outer_norm_tensors) if plan.full \
+    n_trainable_tensors = (
+        (
+            L * (len(a.linears) + sum(lin.bias for lin in a.linears) + a.block_norm_tensors)
+            + (1 if a.tied else 2)
+            + a.outer_norm_tensors
+        )
+        if plan.full
         else 2 * L * len(lora)
+    )
 
     trained_dtype = 2 if half and deepspeed else 4
     frozen_dtype = 2 if half else 4
@@ -719,10 +785,16 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
         param_bytes = base_params * trained_dtype
     else:
         weights = L * a.block_linear_weights
-        quantized = {None: weights * frozen_dtype, "8bit": weights + L * sum(
-            lin.d_out * 4 for lin in a.linears), "4bit": math.ceil(weights * _NF4_BYTES)}
-        param_bytes = quantized[plan.quantization] + (base_params - weights) * frozen_dtype \
+        quantized = {
+            None: weights * frozen_dtype,
+            "8bit": weights + L * sum(lin.d_out * 4 for lin in a.linears),
+            "4bit": math.ceil(weights * _NF4_BYTES),
+        }
+        param_bytes = (
+            quantized[plan.quantization]
+            + (base_params - weights) * frozen_dtype
             + lora_params * trained_dtype
+        )
     grad_bytes = trainable * trained_dtype
     if deepspeed:
         opt_bytes = trainable * (12 if half else 8)  # fp32 master (when half) + exp_avg, exp_avg_sq
@@ -733,8 +805,11 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
     # tensor at once; CPU's per-tensor path holds two temporaries of the largest tensor;
     # DeepSpeed's fused Adam none.
     biggest_linear = max(lin.d_in * lin.d_out for lin in a.linears)
-    largest = max(a.vocab * a.hidden, biggest_linear) if plan.full \
+    largest = (
+        max(a.vocab * a.hidden, biggest_linear)
+        if plan.full
         else max(plan.lora_r * max(d) for d in lora)
+    )
     shard = n if plan.strategy != "ddp" else 1
     if deepspeed:
         opt_temp = 0
@@ -743,8 +818,9 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
     else:
         opt_temp = 2 * 4 * largest
     quantized_weight = 2 * biggest_linear if plan.quantization else 0  # one dequantized weight
-    phases = _activation_phases(a, plan, _Regime.from_plan(plan, targets), opt_temp,
-                                quantized_weight)
+    phases = _activation_phases(
+        a, plan, _Regime.from_plan(plan, targets), opt_temp, quantized_weight
+    )
 
     if n > 1:
         if plan.strategy in ("fsdp", "zero3"):
@@ -757,15 +833,24 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
     activations = max(phases.values())
     allocated = param_bytes + grad_bytes + opt_bytes + activations
     if plan.device == "cuda":
-        overhead = CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * allocated) \
-            + (NCCL_BUFFERS if n > 1 else 0)
+        overhead = (
+            CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * allocated) + (NCCL_BUFFERS if n > 1 else 0)
+        )
     else:
         overhead = CPU_RUNTIME
     return MemoryEstimate(
-        model=getattr(cfg, "name_or_path", "") or a.kind, plan=plan, params=param_bytes,
-        grads=grad_bytes, optimizer=opt_bytes, activations=activations, overhead=overhead,
-        trainable_params=trainable, total_params=base_params + lora_params,
-        phases=tuple(phases.items()), config=cfg)
+        model=getattr(cfg, "name_or_path", "") or a.kind,
+        plan=plan,
+        params=param_bytes,
+        grads=grad_bytes,
+        optimizer=opt_bytes,
+        activations=activations,
+        overhead=overhead,
+        trainable_params=trainable,
+        total_params=base_params + lora_params,
+        phases=tuple(phases.items()),
+        config=cfg,
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -773,17 +858,32 @@ def estimate(model_config: PretrainedConfig | str, plan: TrainingPlan | None = N
 # Published figures printed by ``--paper`` beside the planner's own number for the same
 # quantity.  Each is (source, claim, plan-builder key); they are quoted, not measured here.
 _ANCHORS = (
-    ("QLoRA, Dettmers et al. 2023 (arXiv:2305.14314), sec. 2",
-     "LLaMA-7B 4-bit base model: 5,048 MB", "llama 4bit base"),
-    ("PyTorch blog 'Finetune LLMs on your own consumer hardware' (pytorch.org/blog/finetune-llms)",
-     "Llama-2-7B weights: 28 GB in fp32, half that in fp16", "llama weights"),
-    ("same blog", "full FT, mixed precision Adam: 16 bytes/param = 112 GB before activations",
-     "llama full static"),
+    (
+        "QLoRA, Dettmers et al. 2023 (arXiv:2305.14314), sec. 2",
+        "LLaMA-7B 4-bit base model: 5,048 MB",
+        "llama 4bit base",
+    ),
+    (
+        "PyTorch blog 'Finetune LLMs on your own consumer hardware' (pytorch.org/blog/finetune-llms)",
+        "Llama-2-7B weights: 28 GB in fp32, half that in fp16",
+        "llama weights",
+    ),
+    (
+        "same blog",
+        "full FT, mixed precision Adam: 16 bytes/param = 112 GB before activations",
+        "llama full static",
+    ),
     ("same blog", "Llama-2-7B LoRA on 4-bit base fits one T4 16GB", "llama qlora t4"),
-    ("huggingface/peft README (2023), A100 80GB",
-     "bloomz-7b1: full FT OOM; LoRA in plain PyTorch 32 GB", "bloom7b"),
-    ("BLOOM, BigScience 2022 (arXiv:2211.05100), Table 1",
-     "BLOOM-1.7B: 1,722 M parameters", "bloom params"),
+    (
+        "huggingface/peft README (2023), A100 80GB",
+        "bloomz-7b1: full FT OOM; LoRA in plain PyTorch 32 GB",
+        "bloom7b",
+    ),
+    (
+        "BLOOM, BigScience 2022 (arXiv:2211.05100), Table 1",
+        "BLOOM-1.7B: 1,722 M parameters",
+        "bloom params",
+    ),
 )
 
 
@@ -791,60 +891,78 @@ def _anchor_value(key: str) -> str:
     if key == "llama 4bit base":
         e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization="4bit"))
         adapters = e.trainable_params * 4
-        return (f"{(e.params - adapters) / 1e6:,.0f} MB (NF4 linears, fp16 embeddings/norms; "
-                f"+{2 * 2 * 32000 * 4096 / 1e6:,.0f} MB if prepare_model_for_kbit_training "
-                "upcasts them to fp32)")
+        return (
+            f"{(e.params - adapters) / 1e6:,.0f} MB (NF4 linears, fp16 embeddings/norms; "
+            f"+{2 * 2 * 32000 * 4096 / 1e6:,.0f} MB if prepare_model_for_kbit_training "
+            "upcasts them to fp32)"
+        )
     if key == "llama weights":
         full32 = estimate("llama2-7b", TrainingPlan(lora_r=None, precision="fp32"))
         return f"{full32.params / 1e9:.1f} GB fp32, {full32.params / 2e9:.1f} GB fp16"
     if key == "llama full static":
         e = estimate("llama2-7b", TrainingPlan(lora_r=None, precision="fp16"))
         static = e.params + e.grads + e.optimizer
-        return (f"{static / e.total_params:.0f} bytes/param = {static / 1e9:.0f} GB "
-                f"(+{e.activations / 1e9:.0f} GB activations at 1 x 512)")
+        return (
+            f"{static / e.total_params:.0f} bytes/param = {static / 1e9:.0f} GB "
+            f"(+{e.activations / 1e9:.0f} GB activations at 1 x 512)"
+        )
     if key == "llama qlora t4":
         e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization="4bit"))
         return f"{e.verdict('T4')}"
     if key == "bloom7b":
         full = estimate("bloom-7b1", TrainingPlan(lora_r=None, precision="fp32"))
-        lora = estimate("bloom-7b1", TrainingPlan(precision="fp32", micro_batch_size=8,
-                                                  seq_len=64))
-        return (f"full FT fp32 {'fits' if full.verdict('A100-80GB').fits else 'does not fit'} "
-                f"({full.total / 1e9:.0f} GB); LoRA fp32 {lora.total / 1e9:.0f} GB at 8 x 64 "
-                "(README does not state batch/length)")
+        lora = estimate("bloom-7b1", TrainingPlan(precision="fp32", micro_batch_size=8, seq_len=64))
+        return (
+            f"full FT fp32 {'fits' if full.verdict('A100-80GB').fits else 'does not fit'} "
+            f"({full.total / 1e9:.0f} GB); LoRA fp32 {lora.total / 1e9:.0f} GB at 8 x 64 "
+            "(README does not state batch/length)"
+        )
     e = estimate("bloom-1b7", TrainingPlan())
-    return f"{e.total_params / 1e6:,.0f} M parameters (LoRA adapters excluded: " \
-           f"{(e.total_params - e.trainable_params) / 1e6:,.0f} M)"
+    return (
+        f"{e.total_params / 1e6:,.0f} M parameters (LoRA adapters excluded: "
+        f"{(e.total_params - e.trainable_params) / 1e6:,.0f} M)"
+    )
 
 
 def _paper() -> str:
     out = ["Llama-2-7B, LoRA r=8 on q/v, micro-batch 1 x 512, 2 x T4 with DDP (per device):"]
     for quant in (None, "8bit", "4bit"):
-        e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization=quant,
-                                               world_size=2, strategy="ddp"))
+        e = estimate(
+            "llama2-7b",
+            TrainingPlan(precision="fp16", quantization=quant, world_size=2, strategy="ddp"),
+        )
         label = quant or "fp16"
-        out.append(f"  {label:<5} params {e.params / GIB:5.2f}  act {e.activations / GIB:5.2f}"
-                   f"  -> {e.verdict('T4')}")
+        out.append(
+            f"  {label:<5} params {e.params / GIB:5.2f}  act {e.activations / GIB:5.2f}"
+            f"  -> {e.verdict('T4')}"
+        )
     out.append("BLOOM-1b7, micro-batch 1 x 512, one T4:")
-    for name, plan in (("LoRA fp16", TrainingPlan(precision="fp16")),
-                       ("full FT fp16 (AMP)", TrainingPlan(lora_r=None, precision="fp16"))):
+    for name, plan in (
+        ("LoRA fp16", TrainingPlan(precision="fp16")),
+        ("full FT fp16 (AMP)", TrainingPlan(lora_r=None, precision="fp16")),
+    ):
         e = estimate("bloom-1b7", plan)
         out.append(f"  {name:<18} -> {e.verdict('T4')}")
     out.append("Published figures (cited, not measured here) vs this planner:")
     for source, claim, key in _ANCHORS:
-        out.append(f"  [cited] {claim}\n          source: {source}\n"
-                   f"          ftkit:  {_anchor_value(key)}")
+        out.append(
+            f"  [cited] {claim}\n          source: {source}\n          ftkit:  {_anchor_value(key)}"
+        )
     return "\n".join(out)
 
 
 def estimate_main(argv: list[str] | None = None) -> int:
     """``ftkit-estimate``: print the per-category estimate and the GPU verdicts."""
     parser = argparse.ArgumentParser(prog="ftkit-estimate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="llama2-7b",
-                        help="preset name or a local directory with config.json")
+    parser.add_argument(
+        "--model", default="llama2-7b", help="preset name or a local directory with config.json"
+    )
     parser.add_argument("--lora_r", type=int, default=8)
-    parser.add_argument("--lora_targets", default=None,
-                        help=f"comma-separated module names (BLOOM q/v rows only: {BLOOM_QV})")
+    parser.add_argument(
+        "--lora_targets",
+        default=None,
+        help=f"comma-separated module names (BLOOM q/v rows only: {BLOOM_QV})",
+    )
     parser.add_argument("--lora_dropout", type=float, default=0.0)
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
@@ -855,10 +973,17 @@ def estimate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     parser.add_argument("--device", choices=DEVICES, default="cuda")
-    parser.add_argument("--gpu", action="append", choices=list(GPUS),
-                        help="GPU to judge against (repeatable; default: all)")
-    parser.add_argument("--paper", action="store_true",
-                        help="verdicts for the course's settings beside published figures")
+    parser.add_argument(
+        "--gpu",
+        action="append",
+        choices=list(GPUS),
+        help="GPU to judge against (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="verdicts for the course's settings beside published figures",
+    )
     args = parser.parse_args(argv)
     if args.paper:
         print(_paper())
@@ -867,11 +992,16 @@ def estimate_main(argv: list[str] | None = None) -> int:
         plan = TrainingPlan(
             lora_r=None if args.full else args.lora_r,
             lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
-            lora_dropout=args.lora_dropout, precision=args.precision,
+            lora_dropout=args.lora_dropout,
+            precision=args.precision,
             quantization=None if args.quantization == "none" else args.quantization,
-            gradient_checkpointing=args.gradient_checkpointing, micro_batch_size=args.batch,
-            seq_len=args.seq_len, world_size=args.world_size, strategy=args.strategy,
-            device=args.device)
+            gradient_checkpointing=args.gradient_checkpointing,
+            micro_batch_size=args.batch,
+            seq_len=args.seq_len,
+            world_size=args.world_size,
+            strategy=args.strategy,
+            device=args.device,
+        )
         result = estimate(args.model, plan)
     except ValueError as err:
         print(f"ftkit-estimate: error: {err}", file=sys.stderr)

@@ -157,7 +157,9 @@ def resolve_mixed_precision(requested: str, cuda_available: bool, capability=Non
             )
         return requested
     if requested == "bf16" and capability is not None and capability < (8, 0):
-        logger.warning("bf16 needs compute capability >= 8.0, this GPU is %s: using fp16", capability)
+        logger.warning(
+            "bf16 needs compute capability >= 8.0, this GPU is %s: using fp16", capability
+        )
         return "fp16"
     return requested
 

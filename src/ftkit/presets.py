@@ -14,18 +14,42 @@ from transformers import AutoConfig, BloomConfig, LlamaConfig, PretrainedConfig
 # bigscience/bloom-{1b7,7b1} config.json; BigScience 2022 (arXiv:2211.05100), Table 1
 # (1.7B: 2048 hidden, 24 layers, 16 heads; 7.1B: 4096, 30, 32; vocabulary 250,880).
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
-    "llama2-7b": (LlamaConfig, dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False)),
-    "llama2-13b": (LlamaConfig, dict(
-        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, tie_word_embeddings=False)),
-    "bloom-1b7": (BloomConfig, dict(
-        hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880, tie_word_embeddings=True)),
-    "bloom-7b1": (BloomConfig, dict(
-        hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880, tie_word_embeddings=True)),
+    "llama2-7b": (
+        LlamaConfig,
+        dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama2-13b": (
+        LlamaConfig,
+        dict(
+            hidden_size=5120,
+            intermediate_size=13824,
+            num_hidden_layers=40,
+            num_attention_heads=40,
+            num_key_value_heads=40,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "bloom-1b7": (
+        BloomConfig,
+        dict(hidden_size=2048, n_layer=24, n_head=16, vocab_size=250880, tie_word_embeddings=True),
+    ),
+    "bloom-7b1": (
+        BloomConfig,
+        dict(hidden_size=4096, n_layer=30, n_head=32, vocab_size=250880, tie_word_embeddings=True),
+    ),
 }
 
 

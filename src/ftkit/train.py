@@ -118,7 +118,9 @@ class Trainer:
             collate_fn=pad,
             generator=generator,
         )
-        evaluation = DataLoader(self.data.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=pad)
+        evaluation = DataLoader(
+            self.data.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=pad
+        )
         return train, evaluation
 
     @property
@@ -224,7 +226,9 @@ class Trainer:
             loss_sum += outputs.loss.float() * n
             tokens += n
         self.model.train()
-        loss = float(self.accelerator.reduce(loss_sum, "sum") / self.accelerator.reduce(tokens, "sum"))
+        loss = float(
+            self.accelerator.reduce(loss_sum, "sum") / self.accelerator.reduce(tokens, "sum")
+        )
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
 
     # -- the run --------------------------------------------------------------------------------
@@ -304,7 +308,13 @@ class Trainer:
 
     def techniques(self) -> dict:
         """What was active, recorded next to the figures so ablations need no guessing."""
-        quant = "8bit" if self.recipe.model.load_in_8bit else "4bit" if self.recipe.model.load_in_4bit else None
+        quant = (
+            "8bit"
+            if self.recipe.model.load_in_8bit
+            else "4bit"
+            if self.recipe.model.load_in_4bit
+            else None
+        )
         return {
             "mixed_precision": self.accelerator.mixed_precision,
             "model_dtype": self.recipe.model.model_dtype,
