@@ -33,9 +33,28 @@ PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-WORDS = (
-    ["cat", "dog", "fox", "owl", "cow", "hen", "bee", "ant", "pig", "rat", "sun", "moon", "star", "tree", "lake", "rock", "boat", "cup", "hat", "key"]
-)
+WORDS = [
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "cow",
+    "hen",
+    "bee",
+    "ant",
+    "pig",
+    "rat",
+    "sun",
+    "moon",
+    "star",
+    "tree",
+    "lake",
+    "rock",
+    "boat",
+    "cup",
+    "hat",
+    "key",
+]
 LETTERS = "abcdefgh"
 ANTONYMS = [
     ("hot", "cold"),
