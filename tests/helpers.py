@@ -28,7 +28,7 @@ def tiny_recipe(model_dir, dataset, output_dir, **overrides) -> Recipe:
         "dataset": str(dataset),
         "output_dir": str(output_dir),
         "validation_size": 0,
-        "max_length": 96,
+        "max_length": 320,  # no record of write_records(16) is dropped
         "lora_dropout": 0.0,
         "max_steps": 2,
         "per_device_train_batch_size": 4,

@@ -290,7 +290,11 @@ def test_quantisation_without_bitsandbytes_is_clear(tiny_llama_dir, monkeypatch)
 
 
 def test_ddp_two_processes_equal_one_big_batch(tiny_llama_dir, records, tmp_path):
-    """2 CPU processes (gloo) x batch 2 x GA 2 == 1 process x batch 8, ranks identical each step."""
+    """2 CPU processes (gloo) x batch 2 x GA 2 == 1 process x batch 8, ranks identical each step.
+
+    12 records: step 1 is a full window, step 2 a partial one (one micro-batch per rank, which
+    must still sync). 12 splits evenly, so Accelerate's even_batches repeats no record.
+    """
     args = [
         "--model_name_or_path",
         str(tiny_llama_dir),
@@ -299,7 +303,7 @@ def test_ddp_two_processes_equal_one_big_batch(tiny_llama_dir, records, tmp_path
         "--validation_size",
         "0",
         "--max_length",
-        "96",
+        "320",
         "--lora_dropout",
         "0",
         "--learning_rate",
@@ -309,7 +313,7 @@ def test_ddp_two_processes_equal_one_big_batch(tiny_llama_dir, records, tmp_path
         "--warmup_ratio",
         "0",
         "--num_samples",
-        "16",
+        "12",
         "--max_steps",
         "2",
     ]
@@ -338,11 +342,12 @@ def test_ddp_two_processes_equal_one_big_batch(tiny_llama_dir, records, tmp_path
             tiny_llama_dir,
             records,
             tmp_path / "single",
-            num_samples=16,
+            num_samples=12,
             per_device_train_batch_size=8,
             max_steps=2,
         )
     )
+    assert len(single.data.train) == 12
     # Compare gradients at the same weights: Adam turns fp-noise-sized gradients into lr-sized
     # steps of either sign, so weights after a step are not a stable thing to compare.
     model = single.accelerator.unwrap_model(single.model)

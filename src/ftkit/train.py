@@ -1,13 +1,15 @@
 """The Accelerate-driven training loop.
 
-Accelerate owns precision (autocast + grad scaler), process groups, gradient sync and accumulation;
-this module only adds what none of the libraries does for a LoRA recipe: the loss normalised per
+Accelerate owns precision (autocast + grad scaler), process groups and gradient sync; gradient
+accumulation follows Accelerate's recipe for variable-size samples (prefetch a window, count its
+supervised tokens across processes, ``no_sync`` all but the last micro-batch). This module only adds what none of the libraries does for a LoRA recipe: the loss normalised per
 supervised token across a whole accumulation window and all processes, a NaN guard, atomic
 checkpoints that hold the adapter but not the frozen base, and an honest run log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -57,7 +59,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        # Accumulation is windowed in Trainer.backward_window (Accelerate's documented recipe for
+        # per-token losses); accumulate() would miss the sync on a prefetched partial window.
         # Seeded per-epoch shuffling (set_epoch) makes a resumed run see the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
@@ -156,18 +159,20 @@ class Trainer:
     def backward_window(self, window) -> torch.Tensor:
         """Forward+backward a window; gradients equal one big batch's, per supervised token.
 
-        ``accelerator.backward`` divides by gradient_accumulation_steps and DDP averages over
-        processes, so each micro-batch loss is ``sum_token_loss * GA * world / window_tokens``
-        (transformers' ``num_items_in_batch`` does the sum/N part). Returns the window's loss.
+        This is Accelerate's recipe for gradient accumulation on samples of variable size: the
+        window is prefetched so its supervised tokens can be summed over all processes, each
+        micro-batch loss is ``sum_token_loss / window_tokens`` (transformers' ``num_items_in_batch``)
+        times the world size (DDP averages over processes), and gradients are synced only on the
+        last micro-batch. Returns the window's loss.
         """
         acc = self.accelerator
         window_tokens = acc.reduce(sum(supervised_tokens(b) for b in window), "sum")
-        scale = acc.gradient_accumulation_steps * acc.num_processes
         window_loss = torch.zeros((), device=acc.device)
-        for batch in window:
-            with acc.accumulate(self.model):
+        for i, batch in enumerate(window):
+            last = i == len(window) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
                 outputs = self.model(**batch, num_items_in_batch=window_tokens)
-                acc.backward(outputs.loss * scale)
+                acc.backward(outputs.loss * acc.num_processes)
                 window_loss += outputs.loss.detach()
         return acc.reduce(window_loss, "sum")
 
