@@ -1,4 +1,4 @@
-"""The embedded default: deterministic weights, a LLaMA-like tokenizer, a sane toy dataset."""
+"""The embedded default: deterministic pretrained weights, a LLaMA-like tokenizer, a sane toy dataset."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ftkit import embedded
+from ftkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_embedded_assets.py"
@@ -62,6 +63,14 @@ def test_materialisation_is_deterministic_and_loadable(tmp_path, monkeypatch):
         tok.eos_token_id,
     )
     assert model.config.pad_token_id == tok.pad_token_id
+    # Pretrained on the toy language: plain sentences are far likelier than uniform (ln 640 = 6.46).
+    batch = tok(
+        ["The opposite of hot is cold.", "Add the two numbers."], return_tensors="pt", padding=True
+    )
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss
+    assert loss < 3.0
 
 
 def test_materialisation_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
@@ -79,7 +88,7 @@ def test_materialisation_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch)
 def test_resolve_passes_through_and_rejects_unknown_names():
     assert embedded.resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     assert embedded.resolve_model_path("/some/local/dir") == "/some/local/dir"
-    with pytest.raises(ValueError, match="ftkit:tiny-llama"):
+    with pytest.raises(ConfigError, match="ftkit:tiny-llama"):
         embedded.resolve_model_path("ftkit:nope")
 
 
