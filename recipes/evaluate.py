@@ -1,5 +1,6 @@
-"""Loss and perplexity of the base vs the fine-tuned model on a held-out Alpaca file.
+"""Loss and perplexity of the base vs the fine-tuned model on held-out data.
 
+    python recipes/evaluate.py --adapter_dir outputs/tiny-llama-lora     # the run's held-out split
     python recipes/evaluate.py --adapter_dir outputs/tiny-llama-lora --dataset held_out.json \
         --num_samples 200 --output_json eval.json
 
@@ -22,7 +23,7 @@ class OutputArgs:
     output_json: str | None = field(default=None, metadata={"help": "Also write results here."})
 
 
-def main(argv=None) -> None:
+def evaluate(argv=None) -> None:
     parser = HfArgumentParser((AdapterArgs, EvalArgs, OutputArgs))
     adapter_args, eval_args, output_args = parser.parse_args_into_dataclasses(argv)
     report = evaluate_before_after(adapter_args, eval_args)
@@ -31,5 +32,9 @@ def main(argv=None) -> None:
         atomic_write_json(output_args.output_json, dataclasses.asdict(report))
 
 
+def main(argv=None) -> int:
+    return run_main(lambda: evaluate(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

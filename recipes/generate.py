@@ -3,9 +3,10 @@
     python recipes/generate.py --adapter_dir outputs/tiny-llama-lora --instruction "Name a colour."
     python recipes/generate.py --adapter_dir outputs/tiny-llama-lora --prompts_file prompts.txt
     python recipes/generate.py --adapter_dir outputs/tiny-llama-lora \
-        --dataset held_out.json --num_samples 10 --compare_base --report before_after.md
+        --dataset held_out.json --num_samples 10 --report before_after.md
 
 The base defaults to the adapter's ``base_model_name_or_path``; prompts use the training template.
+Only the response is printed. ``--report`` writes base and fine-tuned answers side by side.
 """
 
 import sys
@@ -30,19 +31,26 @@ class ReportArgs:
         default=False, metadata={"help": "Also answer with the base model alone (before)."}
     )
     report: str | None = field(
-        default=None, metadata={"help": "Write the answers as a Markdown table to this path."}
+        default=None,
+        metadata={"help": "Write base vs fine-tuned answers as a Markdown table to this path."},
     )
 
 
-def main(argv=None) -> None:
+def generate(argv=None) -> None:
     parser = HfArgumentParser((AdapterArgs, PromptArgs, GenerationOptions, ReportArgs))
     adapter_args, prompt_args, options, report_args = parser.parse_args_into_dataclasses(argv)
     prompts = load_prompts(prompt_args)
-    result = generate_before_after(adapter_args, prompts, options, report_args.compare_base)
+    compare_base = report_args.compare_base or report_args.report is not None
+    result = generate_before_after(adapter_args, prompts, options, compare_base)
     print(result.console())
     if report_args.report:
         atomic_write_text(report_args.report, result.markdown())
+        print(f"before/after report written to {report_args.report}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    return run_main(lambda: generate(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

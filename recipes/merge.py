@@ -21,7 +21,7 @@ class OutputArgs:
     output_dir: str = field(metadata={"help": "New dir for the merged model + tokenizer."})
 
 
-def main(argv=None) -> None:
+def merge(argv=None) -> None:
     parser = HfArgumentParser((AdapterArgs, OutputArgs))
     adapter_args, output_args = parser.parse_args_into_dataclasses(argv)
     result = merge_adapter(adapter_args, output_args.output_dir)
@@ -31,5 +31,9 @@ def main(argv=None) -> None:
     )
 
 
+def main(argv=None) -> int:
+    return run_main(lambda: merge(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(main())

@@ -2,11 +2,8 @@
 
 import json
 import math
-import os
 import runpy
 import shutil
-import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,6 @@ from helpers import REPO, run_python, tiny_recipe, write_records
 from torch import nn
 from transformers import AutoModelForCausalLM, BloomForCausalLM, LlamaForCausalLM
 
-from ftkit.cli import run_main
 from ftkit.data import IGNORE_INDEX, tokenize_record
 from ftkit.errors import ConfigError, DataError
 from ftkit.inference import (
@@ -76,15 +72,21 @@ def records(tmp_path_factory, alpaca_path):
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama_dir, tiny_bloom_dir, records, tmp_path_factory) -> dict[str, Run]:
-    """PEFT- and ftkit-trained LLaMA (PEFT format), ftkit-trained BLOOM (ftkit q/v-only format)."""
+    """PEFT- and ftkit-trained LLaMA (PEFT format), ftkit-trained BLOOM (ftkit q/v-only format).
+
+    Only llama-peft holds records out, so its metrics.json has eval losses to check against.
+    """
     found = {}
-    for name, base, impl in [
-        ("llama-peft", tiny_llama_dir, "peft"),
-        ("llama-ftkit", tiny_llama_dir, "ftkit"),
-        ("bloom-ftkit", tiny_bloom_dir, "ftkit"),
+    for name, base, impl, validation_size in [
+        ("llama-peft", tiny_llama_dir, "peft", 4),
+        ("llama-ftkit", tiny_llama_dir, "ftkit", 0),
+        ("bloom-ftkit", tiny_bloom_dir, "ftkit", 0),
     ]:
         out = tmp_path_factory.mktemp(name)
-        trainer = Trainer(tiny_recipe(base, records, out, lora_impl=impl, max_steps=2))
+        recipe = tiny_recipe(
+            base, records, out, lora_impl=impl, max_steps=2, validation_size=validation_size
+        )
+        trainer = Trainer(recipe)
         trainer.fit()
         model = trainer.accelerator.unwrap_model(trainer.model).eval()
         found[name] = Run(out, base, logits(model, trainer.tokenizer, PROBE))
@@ -169,6 +171,7 @@ def test_generation_stops_at_the_first_eos(tiny_llama_dir):
         handle.remove()
     assert len(steps) == 3  # generation ended when the last row hit EOS, not at max_new_tokens
     assert first.stopped_at_eos and first.token_ids == () and first.text == ""
+    assert first.shown() == "(empty: EOS came first)"  # reports mark it; the text stays empty
     assert second.stopped_at_eos and len(second.token_ids) == 2
     assert tokenizer.eos_token_id not in second.token_ids
 
@@ -309,6 +312,18 @@ def test_eval_loss_is_per_supervised_token_for_base_and_adapter(runs, records):
     assert "| fine-tuned |" in report.table()
 
 
+def test_eval_defaults_to_the_runs_held_out_split(runs):
+    run = runs["llama-peft"]
+    report = evaluate_before_after(AdapterArgs(str(run.out)), EvalArgs())
+    metrics = json.loads((run.out / "metrics.json").read_text())
+    assert report.results["base"]["records"] == metrics["eval_records"] == 4
+    assert report.results["base"]["loss"] == pytest.approx(metrics["eval_loss_before"], rel=1e-5)
+    assert report.results["fine-tuned"]["loss"] == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert report.dataset == f"the held-out split of {run.out}"
+    with pytest.raises(ConfigError, match=r"held out no records .*; pass --dataset"):
+        evaluate_before_after(AdapterArgs(str(runs["llama-ftkit"].out)), EvalArgs())
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
@@ -324,6 +339,14 @@ def test_each_bad_input_is_one_clear_error(runs, wide_dirs, tmp_path):
         message = rf"trained on '{run.base}', onto the model given, '{wide}': .*shape"
         with pytest.raises(AdapterError, match=message):
             attach_adapter(loaded)
+    moved = shutil.copytree(runs["llama-peft"].out, tmp_path / "moved")  # base gone on this machine
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        AdapterError, match=r"trained on .*gone, which does not exist.*--base_model"
+    ):
+        load_base(AdapterArgs(str(moved)))
     with pytest.raises(DataError, match=r"prompts file not found: .*nope\.txt"):
         load_prompts(PromptArgs(prompts_file=str(tmp_path / "nope.txt")))
     with pytest.raises(ConfigError, match="exactly one of --instruction, --prompts_file"):
@@ -335,45 +358,40 @@ def test_each_bad_input_is_one_clear_error(runs, wide_dirs, tmp_path):
 # -- the scripts -----------------------------------------------------------------------------------
 
 
-def test_scripts_run_on_a_training_output_dir(runs, records, tmp_path):
-    out = str(runs["llama-peft"].out)
-    commands = {
-        "generate": [
-            "recipes/generate.py", "--adapter_dir", out, "--dataset", str(records),
-            "--num_samples", "2", "--max_new_tokens", "5", "--compare_base",
-            "--report", str(tmp_path / "report.md"),
-        ],
-        "merge": ["recipes/merge.py", "--adapter_dir", out, "--output_dir", str(tmp_path / "m")],
-        "evaluate": [
-            "recipes/evaluate.py", "--adapter_dir", out, "--dataset", str(records),
-            "--num_samples", "4", "--max_length", "96", "--output_json", str(tmp_path / "e.json"),
-        ],
-    }  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    running = {  # in parallel: most of each run is importing torch, transformers and peft
-        name: subprocess.Popen(
-            [sys.executable, *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        for name, args in commands.items()
-    }  # fmt: skip
-    done = {name: proc.communicate(timeout=300) for name, proc in running.items()}
-    for name, proc in running.items():
-        assert proc.returncode == 0, (name, done[name][1][-3000:])
+def script_main(name: str):
+    """A recipe script's ``main`` (as cli.py calls it): loaded by path, not run as __main__."""
+    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"))["main"]
 
-    assert "--- base:" in done["generate"][0] and "--- fine-tuned:" in done["generate"][0]
-    assert "| # | prompt | base | fine-tuned | reference |" in (tmp_path / "report.md").read_text()
-    assert "merged model written to" in done["merge"][0]
-    assert (tmp_path / "m" / "model.safetensors").is_file()
-    results = json.loads((tmp_path / "e.json").read_text())["results"]
-    assert results["base"]["loss"] > 0 and results["fine-tuned"]["loss"] > 0
-    assert "| base |" in done["evaluate"][0]
+
+def test_scripts_run_on_a_training_output_dir(runs, records, tmp_path, capsys):
+    out = str(runs["llama-peft"].out)
+    report = tmp_path / "report.md"
+    generate_argv = ["--adapter_dir", out, "--dataset", str(records), "--num_samples", "2"]
+    generate_argv += ["--max_new_tokens", "5", "--report", str(report)]
+    assert script_main("generate")(generate_argv) == 0
+    printed = capsys.readouterr().out
+    assert "--- base:" in printed and "--- fine-tuned:" in printed  # --report implies the base
+    assert "| # | prompt | base | fine-tuned | reference |" in report.read_text()
+
+    assert script_main("generate")(["--adapter_dir", out, "--instruction", "Hi."]) == 0
+    single = capsys.readouterr().out  # one prompt: only the answer, for scripting
+    assert not single.startswith("===")
+
+    merged = tmp_path / "m"
+    assert script_main("merge")(["--adapter_dir", out, "--output_dir", str(merged)]) == 0
+    assert "merged model written to" in capsys.readouterr().out
+    assert (merged / "model.safetensors").is_file()
+
+    eval_json = tmp_path / "e.json"
+    assert script_main("evaluate")(["--adapter_dir", out, "--output_json", str(eval_json)]) == 0
+    assert "| base |" in capsys.readouterr().out
+    results = json.loads(eval_json.read_text())["results"]
+    assert results["base"]["loss"] > results["fine-tuned"]["loss"] > 0
 
 
 def test_a_script_reports_bad_input_in_one_line(tmp_path, capsys):
-    script = runpy.run_path(str(REPO / "recipes" / "generate.py"))  # its main, not run as __main__
     argv = ["--adapter_dir", str(tmp_path / "nope"), "--instruction", "Hi."]
-    assert run_main(lambda: script["main"](argv)) == 2
+    assert script_main("generate")(argv) == 2
     assert capsys.readouterr().err == (
         f"ftkit error: adapter directory not found: {tmp_path / 'nope'} (pass --adapter_dir the "
         "output_dir of a training run)\n"

@@ -220,7 +220,7 @@ def parse_recipe(argv: list[str] | None = None, default_config: str | Path | Non
         del argv[at : at + 2]
     yaml_values = load_yaml(config_path) if config_path else {}
     _check_known(yaml_values, str(config_path))
-    _check_known(_flag_names(argv), "the command line")
+    _check_known([f for f in _flag_names(argv) if f != "help"], "the command line")
 
     parser = HfArgumentParser(RECIPE_SECTIONS)
     parser.allow_abbrev = False
@@ -228,12 +228,17 @@ def parse_recipe(argv: list[str] | None = None, default_config: str | Path | Non
     try:
         sections = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except SystemExit as exc:  # argparse already printed why; keep one clear failure
+        if exc.code == 0:  # --help
+            raise
         raise ConfigError(f"invalid command line: {' '.join(argv)}") from exc
     return Recipe(*sections)
 
 
 def _flag_names(argv: list[str]) -> list[str]:
     return [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")]
+
+
+RESOLVED_CONFIG_NAME = "resolved_config.yaml"  # written beside the adapter by every run
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -10,6 +10,10 @@ weights, so a 7B base is held once and both formats are handled alike.
 Prompts go through the training template (``load_template``) so the model sees what it learned on.
 Batches are padded on the LEFT: every row's next token then follows its own last real token, which
 is what makes batched greedy decoding equal one-by-one decoding.
+
+Evaluation scores what training scores (loss per supervised response token, training's
+tokenisation and masks); without a file it rebuilds the run's own held-out split with training's
+code, so its figures can be checked against the run's ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ftkit.config import MODEL_DTYPES, ModelConfig
+from ftkit.config import MODEL_DTYPES, RESOLVED_CONFIG_NAME, ModelConfig, Recipe, load_yaml
 from ftkit.data import (
     IGNORE_INDEX,
+    build_datasets,
     collator,
     load_records,
     load_template,
@@ -100,9 +106,16 @@ class Adapter:
 
     def base_for(self, base_model: str | None) -> str:
         """The base given on the command line, else the one recorded at training time."""
-        base = base_model or self.base_model_name_or_path
+        if base_model:
+            return base_model
+        base = self.base_model_name_or_path
         if not base:
             raise ConfigError(f"{self.path} does not name its base model; pass --base_model")
+        if Path(base).is_absolute() and not Path(base).exists():  # e.g. trained on another machine
+            raise AdapterError(
+                f"{self.path} was trained on {base}, which does not exist here; pass --base_model "
+                "the same base model (a local dir or Hub id)"
+            )
         return base
 
     @property
@@ -145,12 +158,14 @@ def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
             model = loaded.model
     # PEFT raises RuntimeError (size mismatch) or ValueError (no target); ftkit an AdapterError.
     except (RuntimeError, ValueError) as err:
-        cause = " ".join(str(err).split()).rstrip(".")  # one line, however PEFT formats it
+        # PEFT puts each mismatched tensor on a line of its own: the first one says it all.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        cause = " ".join(lines[:2]).rstrip(".")
         own_base = adapter.base_model_name_or_path
         hint = "" if loaded.base == own_base else " (leave out --base_model to use its own base)"
         raise AdapterError(
             f"cannot load adapter {adapter.path}, trained on {own_base!r}, onto the model given, "
-            f"{loaded.base!r}: {cause[:300]}{hint}"
+            f"{loaded.base!r}: {cause}{hint}"
         ) from err
     return model.eval()
 
@@ -281,14 +296,15 @@ class GenerationOptions:
         return f"{decoding}, max_new_tokens {self.max_new_tokens}"
 
     def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
-        sampling = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
+        # top_k=0: no hidden top-k cut (transformers would fill in 50); temperature and top_p rule.
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
-            **sampling,
+            **(sampling if self.do_sample else {}),
         )
 
 
@@ -299,6 +315,10 @@ class Completion:
     text: str
     token_ids: tuple[int, ...]
     stopped_at_eos: bool
+
+    def shown(self) -> str:
+        """The text for a reader; an empty answer is marked so that it is not mistaken for a gap."""
+        return self.text if self.token_ids else "(empty: EOS came first)"
 
 
 @torch.no_grad()
@@ -368,7 +388,7 @@ class BeforeAfter:
             if prompt.input:
                 lines.append(f"--- input: {prompt.input}")
             for label, completions in self.columns.items():
-                lines += [f"--- {label}:", completions[index].text]
+                lines += [f"--- {label}:", completions[index].shown()]
             blocks.append("\n".join(lines))
         return "\n\n".join(blocks)
 
@@ -381,14 +401,15 @@ class BeforeAfter:
         lines += [_row(header), _row(["---"] * len(header))]
         for index, prompt in enumerate(self.prompts):
             cell = prompt.instruction + (f"\n\ninput: {prompt.input}" if prompt.input else "")
-            answers = [completions[index].text for completions in self.columns.values()]
+            answers = [completions[index].shown() for completions in self.columns.values()]
             reference = [prompt.reference or ""] if with_reference else []
             lines.append(_row([str(index + 1), cell, *answers, *reference]))
         return "\n".join(lines) + "\n"
 
 
 def _row(cells: Sequence[str]) -> str:
-    escaped = [cell.replace("|", "\\|").replace("\n", "<br>").strip() for cell in cells]
+    # Every line break str.splitlines knows (\r, \u2028, ...) would end the table row: use <br>.
+    escaped = ["<br>".join(cell.replace("|", "\\|").strip().splitlines()) for cell in cells]
     return "| " + " | ".join(escaped) + " |"
 
 
@@ -397,14 +418,22 @@ def _row(cells: Sequence[str]) -> str:
 
 @dataclass
 class EvalArgs:
-    """A held-out Alpaca file, scored per supervised response token as in training."""
+    """What to score per supervised response token, as training does: a file, or the run's split."""
 
-    dataset: str = field(metadata={"help": "Held-out Alpaca .json/.jsonl file (or Hub id)."})
-    num_samples: int = field(default=0, metadata={"help": "First N records (0 = all)."})
-    max_length: int = field(default=256, metadata={"help": "Truncate prompt+response to N tokens."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out Alpaca .json/.jsonl file (or Hub id). Default: the training run's "
+            f"own held-out split, rebuilt from its {RESOLVED_CONFIG_NAME}."
+        },
+    )
+    num_samples: int = field(default=0, metadata={"help": "With --dataset: first N records."})
+    max_length: int = field(
+        default=256, metadata={"help": "With --dataset: truncate prompt+response to N tokens."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Records per forward pass."})
     skip_bad_records: bool = field(
-        default=False, metadata={"help": "Skip malformed records instead of failing."}
+        default=False, metadata={"help": "With --dataset: skip malformed records, don't fail."}
     )
 
     def __post_init__(self):
@@ -416,7 +445,27 @@ class EvalArgs:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def eval_examples(records: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
+def run_recipe(run_dir: Path) -> Recipe:
+    """The training run's resolved recipe, which fixes its held-out split (dataset, size, seed)."""
+    path = run_dir / RESOLVED_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} not found, so the run's held-out split is unknown; pass --dataset"
+        )
+    recipe = Recipe.from_dict(load_yaml(path), str(path))
+    if recipe.data.validation_size == 0:
+        raise ConfigError(
+            f"the run in {run_dir} held out no records (validation_size 0); pass --dataset"
+        )
+    return recipe
+
+
+def held_out_examples(recipe: Recipe, tokenizer) -> list[dict]:
+    """The run's held-out split, rebuilt (split, tokenised, filtered) by training's own code."""
+    return build_datasets(recipe.data, tokenizer, recipe.train.seed).eval.to_list()
+
+
+def tokenize_examples(records: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
     """Training's tokenisation and label masks, less records whose prompt fills max_length."""
     template = load_template()
     examples = [tokenize_record(r, tokenizer, max_length, template=template) for r in records]
@@ -434,7 +483,7 @@ def eval_examples(records: Sequence[dict], tokenizer, max_length: int) -> list[d
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, examples: Sequence[dict], batch_size: int) -> dict:
-    """Mean cross-entropy per supervised token over ``eval_examples``, and its perplexity."""
+    """Mean cross-entropy per supervised token over tokenised examples, and its perplexity."""
     from ftkit.train import supervised_tokens  # lazily: ftkit.train pulls in accelerate + peft
 
     pad = collator(tokenizer)
@@ -455,17 +504,22 @@ def evaluate_loss(model, tokenizer, examples: Sequence[dict], batch_size: int) -
 
 
 def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
-    """Base, then fine-tuned, scored on the same examples."""
-    records = load_records(eval_args.dataset, num_samples=eval_args.num_samples)
-    source = resolve_dataset(eval_args.dataset)
-    records = validate_records(records, source, eval_args.skip_bad_records)
+    """Base, then fine-tuned, on the same examples; the data is checked before any model loads."""
+    adapter = Adapter.read(args.adapter_dir)
+    if eval_args.dataset is None:
+        dataset = f"the held-out split of {adapter.path}"
+        examples_for = partial(held_out_examples, run_recipe(adapter.path))
+    else:
+        dataset = eval_args.dataset
+        records = load_records(dataset, num_samples=eval_args.num_samples)
+        records = validate_records(records, resolve_dataset(dataset), eval_args.skip_bad_records)
+        examples_for = partial(tokenize_examples, records, max_length=eval_args.max_length)
     loaded = load_base(args)
-    examples = eval_examples(records, loaded.tokenizer, eval_args.max_length)
-    score = (loaded.tokenizer, examples, eval_args.batch_size)
+    score = (loaded.tokenizer, examples_for(tokenizer=loaded.tokenizer), eval_args.batch_size)
     base = evaluate_loss(loaded.model, *score)
     tuned = evaluate_loss(attach_adapter(loaded), *score)
     results = {BASE_LABEL: base, TUNED_LABEL: tuned}
-    return EvalReport(str(loaded.adapter.path), loaded.base, eval_args.dataset, results)
+    return EvalReport(str(adapter.path), loaded.base, dataset, results)
 
 
 @dataclass
@@ -478,7 +532,9 @@ class EvalReport:
     results: dict[str, dict]
 
     def table(self) -> str:
-        rows = ["| model | loss | perplexity | tokens |", "|---|---:|---:|---:|"]
+        records = next(iter(self.results.values()))["records"]
+        rows = [f"{records} records of {self.dataset}, per supervised token:", ""]
+        rows += ["| model | loss | perplexity | tokens |", "|---|---:|---:|---:|"]
         rows += [
             f"| {label} | {m['loss']:.4f} | {m['perplexity']:.3f} | {m['tokens']} |"
             for label, m in self.results.items()

@@ -29,8 +29,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(Path(name_or_path).expanduser().resolve())
     if looks_local:
         raise ModelError(
-            f"model path not found: {name_or_path} (pass --model_name_or_path an existing "
-            "directory with config.json, a Hub id such as meta-llama/Llama-2-7b-hf, or ftkit:tiny-llama)"
+            f"model path not found: {name_or_path} (give an existing directory with config.json, "
+            "a Hub id such as meta-llama/Llama-2-7b-hf, or ftkit:tiny-llama)"
         )
     return name_or_path
 

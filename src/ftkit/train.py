@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ftkit import checkpoint, reporting
-from ftkit.config import Recipe, save_recipe
+from ftkit.config import RESOLVED_CONFIG_NAME, Recipe, save_recipe
 from ftkit.data import IGNORE_INDEX, InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
 from ftkit.lora import trainable_parameters_line
@@ -246,7 +246,7 @@ class Trainer:
             self.output_dir, enabled=acc.is_main_process, append=bool(cfg.resume_from_checkpoint)
         )
         if acc.is_main_process:
-            save_recipe(self.recipe, self.output_dir / "resolved_config.yaml")
+            save_recipe(self.recipe, self.output_dir / RESOLVED_CONFIG_NAME)
             logger.info(trainable_parameters_line(self.model))
         before = self.evaluate()
         self.model.train()
