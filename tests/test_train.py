@@ -172,3 +172,54 @@ def test_fp16_on_cpu_is_refused():
 )
 def test_precision_resolver_on_gpus(requested, capability, expected):
     assert resolve_mixed_precision(requested, True, capability) == expected
+
+
+@pytest.mark.parametrize(
+    ("impl", "config_file", "targets"),
+    [
+        ("peft", "adapter_config.json", ["query_key_value"]),  # PEFT: the whole fused matrix
+        ("ftkit", "ftkit_adapter_config.json", ["query_key_value"]),  # ftkit: q/v rows only
+    ],
+)
+def test_bloom_trains_with_either_lora(
+    tiny_bloom_dir, records, tmp_path, impl, config_file, targets
+):
+    recipe = tiny_recipe(tiny_bloom_dir, records, tmp_path, lora_impl=impl, max_steps=3)
+    result = Trainer(recipe).fit()
+    saved = json.loads((tmp_path / config_file).read_text())
+    assert sorted(saved["target_modules"]) == targets
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert result.metrics["train_loss"] > 0 and result.metrics["steps"] == 3
+
+
+def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, tmp_path):
+    """The `make train-ddp` path on CPU: 2 gloo processes, one log, one summary, one adapter."""
+    out = tmp_path / "ddp"
+    done = accelerate_launch(
+        "--config_file",
+        "accelerate_configs/ddp_2gpu_fp16.yaml",
+        "--mixed_precision",
+        "no",
+        "recipes/alpaca_lora.py",
+        "--model_name_or_path",
+        str(tiny_llama_dir),
+        "--dataset",
+        str(records),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--validation_size",
+        "4",
+        ACCELERATE_USE_CPU="true",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("== ftkit run summary ==") == 1
+    logs = done.stdout + done.stderr
+    assert logs.count("ftkit.train: trainable params:") == 1
+    assert logs.count("ftkit.data: dropped") == 1  # rank 1 logs errors only
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in steps if "loss" in row] == [1, 2]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["techniques"]["world_size"] == 2
+    assert (out / "adapter_model.safetensors").is_file()

@@ -1,0 +1,37 @@
+"""Every shipped accelerate config loads with Accelerate's own loader and says what it is for."""
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[1] / "accelerate_configs"
+EXPECTED = {
+    "cpu.yaml": (DistributedType.NO, "no", 1),
+    "single_gpu_fp16.yaml": (DistributedType.NO, "fp16", 1),
+    "single_gpu_bf16.yaml": (DistributedType.NO, "bf16", 1),
+    "ddp_2gpu_fp16.yaml": (DistributedType.MULTI_GPU, "fp16", 2),
+    "fsdp_full_shard.yaml": (DistributedType.FSDP, "bf16", 2),
+    "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, "fp16", 2),
+    "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, "fp16", 2),
+}
+
+
+def test_every_config_is_covered():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_with_accelerates_loader(name):
+    path = CONFIGS / name
+    config = load_config_from_file(str(path))
+    assert (config.distributed_type, config.mixed_precision, config.num_processes) == EXPECTED[name]
+    assert path.read_text().startswith("# "), "each config opens with when to use it"
+    if config.distributed_type == DistributedType.FSDP:
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+        assert fsdp["fsdp_use_orig_params"] is True  # frozen base + trainable LoRA in one shard
+    if config.distributed_type == DistributedType.DEEPSPEED:
+        assert config.deepspeed_config["zero_stage"] == int(name[-6])
