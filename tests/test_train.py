@@ -193,7 +193,11 @@ def test_bloom_trains_with_either_lora(
 
 
 def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, tmp_path):
-    """The `make train-ddp` path on CPU: 2 gloo processes, one log, one summary, one adapter."""
+    """The `make train-ddp` path on CPU: 2 gloo processes, one log, one summary, one adapter.
+
+    5 held-out records over 2 ranks: Accelerate repeats one to even the batches, and the eval
+    loss must still equal a single process's (no record counted twice).
+    """
     out = tmp_path / "ddp"
     done = accelerate_launch(
         "--config_file",
@@ -210,16 +214,21 @@ def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, t
         "--max_steps",
         "2",
         "--validation_size",
-        "4",
+        "5",
+        "--max_length",
+        "320",
         ACCELERATE_USE_CPU="true",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("== ftkit run summary ==") == 1
     logs = done.stdout + done.stderr
     assert logs.count("ftkit.train: trainable params:") == 1
-    assert logs.count("ftkit.data: dropped") == 1  # rank 1 logs errors only
+    assert logs.count("ftkit.modeling: PEFT LoRA targets") == 1  # rank 1 logs errors only
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in steps if "loss" in row] == [1, 2]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["techniques"]["world_size"] == 2
+    single = Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path / "one", validation_size=5))
+    assert len(single.data.eval) == 5
+    assert metrics["eval_loss_before"] == pytest.approx(single.evaluate()["eval_loss"], rel=1e-6)
     assert (out / "adapter_model.safetensors").is_file()

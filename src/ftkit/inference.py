@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,6 +41,7 @@ from ftkit.data import (
 )
 from ftkit.errors import ConfigError, DataError
 from ftkit.lora import FTKIT_CONFIG_NAME, PEFT_CONFIG_NAME, AdapterError, load_adapter
+from ftkit.metrics import example_losses, perplexity
 from ftkit.modeling import load_base_model, load_tokenizer, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -484,20 +484,18 @@ def tokenize_examples(records: Sequence[dict], tokenizer, max_length: int) -> li
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, examples: Sequence[dict], batch_size: int) -> dict:
     """Mean cross-entropy per supervised token over tokenised examples, and its perplexity."""
-    from ftkit.train import supervised_tokens  # lazily: ftkit.train pulls in accelerate + peft
-
     pad = collator(tokenizer)
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = pad(list(examples[start : start + batch_size])).to(device)
-        n = int(supervised_tokens(batch))  # >= 1: every example supervises a response token
-        loss_sum += float(model(**batch, num_items_in_batch=n).loss) * n
-        tokens += n
+        sums, counts = example_losses(model, batch)
+        loss_sum += float(sums.sum())
+        tokens += int(counts.sum())  # >= 1: every example supervises a response token
     loss = loss_sum / tokens
     return {
         "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
+        "perplexity": perplexity(loss),
         "tokens": tokens,
         "records": len(examples),
     }

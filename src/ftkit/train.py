@@ -25,10 +25,11 @@ from transformers import get_scheduler
 
 from ftkit import checkpoint, reporting
 from ftkit.config import RESOLVED_CONFIG_NAME, Recipe, save_recipe
-from ftkit.data import IGNORE_INDEX, InstructionData, build_datasets, collator
+from ftkit.data import InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
 from ftkit.lora import trainable_parameters_line
 from ftkit.memory import PeakMemoryMeter, tensor_bytes
+from ftkit.metrics import example_losses, perplexity, supervised_tokens
 from ftkit.modeling import (
     build_model,
     cuda_capability,
@@ -64,11 +65,6 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         # Seeded per-epoch shuffling (set_epoch) makes a resumed run see the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
-
-
-def supervised_tokens(batch) -> torch.Tensor:
-    """Tokens that contribute to the causal-LM loss (labels are shifted by one)."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
 class Trainer:
@@ -224,17 +220,14 @@ class Trainer:
             return {}
         self.model.eval()
         loss_sum = torch.zeros((), device=self.accelerator.device)
-        tokens = torch.zeros((), device=self.accelerator.device)
+        tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
         for batch in self.eval_loader:
-            n = supervised_tokens(batch)
-            outputs = self.model(**batch, num_items_in_batch=n.clamp(min=1))
-            loss_sum += outputs.loss.float() * n
-            tokens += n
+            sums, counts = self.accelerator.gather_for_metrics(example_losses(self.model, batch))
+            loss_sum += sums.sum()
+            tokens += counts.sum()
         self.model.train()
-        loss = float(
-            self.accelerator.reduce(loss_sum, "sum") / self.accelerator.reduce(tokens, "sum")
-        )
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        loss = float(loss_sum / tokens)
+        return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
     # -- the run --------------------------------------------------------------------------------
 
