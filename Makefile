@@ -41,6 +41,16 @@ train-ddp: install
 compare-lora: install
 	$(PY) recipes/compare_lora.py --output_dir outputs/lora-parity
 
+ablation: install
+	$(PY) recipes/ablation.py --output_dir outputs/ablation
+
+bench: install
+	$(PY) recipes/ablation.py --grid recipes/ablation/bench.yaml --output_dir outputs/bench \
+		--title "Speed benchmark: ratios from one run"
+
+estimate: install
+	$(PY) recipes/estimate_memory.py --paper
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -17,13 +17,16 @@ from pathlib import Path
 
 from ftkit.cli import run_main
 from ftkit.config import parse_recipe
-from ftkit.train import train
 
 DEFAULT_RECIPE = Path(__file__).parent / "tiny" / "lora.yaml"
 
 
 def main(argv=None) -> None:
-    train(parse_recipe(argv, default_config=DEFAULT_RECIPE))
+    recipe = parse_recipe(argv, default_config=DEFAULT_RECIPE)
+    # Imported once the recipe is valid: a bad flag fails fast, before peft/bitsandbytes load.
+    from ftkit.train import train
+
+    train(recipe)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from transformers import (
 )
 
 from ftkit import lora
+from ftkit.modeling import keep_4bit_weights_trainable
 
 R, ALPHA, VOCAB, HIDDEN, LAYERS, HEADS = 4, 8, 64, 32, 2, 4
 SRC_DIR = Path(lora.__file__).resolve().parents[1]
@@ -419,6 +420,7 @@ _RELOAD_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from ftkit import lora
+from ftkit.modeling import keep_4bit_weights_trainable
 
     model_dir, adapter_dir, out_file = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -501,6 +503,7 @@ def test_quantised_base_trains_and_refuses_to_merge(llama_dir, ids, bits):
     model = LlamaForCausalLM.from_pretrained(
         llama_dir, quantization_config=quantization, device_map="cpu"
     )
+    keep_4bit_weights_trainable(model)  # as ftkit's loader does: eval first, then train
     assert (
         type(model.model.layers[0].self_attn.q_proj).__name__
         == {
@@ -515,7 +518,7 @@ def test_quantised_base_trains_and_refuses_to_merge(llama_dir, ids, bits):
     losses = _train(model, ids, steps=3)
     assert all(math.isfinite(loss) for loss in losses)
     after = lora.lora_state_dict(model)
-    assert all(not torch.equal(after[key], before[key]) for key in before)
+    assert [key for key in before if torch.equal(after[key], before[key])] == []
     with pytest.raises(lora.LoraMergeError, match="full precision"):
         lora.merge_lora(model)
     assert not any(layer.merged for _, layer in lora.lora_layers(model))
@@ -612,6 +615,7 @@ def test_importing_ftkit_lora_does_not_need_bitsandbytes():
         sys.modules["bitsandbytes"] = None  # any import of it now fails
         from torch import nn
         from ftkit import lora
+from ftkit.modeling import keep_4bit_weights_trainable
         model = nn.Sequential(nn.Linear(4, 4))
         assert lora.apply_lora(model, r=2, alpha=2, dropout=0.0, target_modules=["0"]) == ["0"]
         lora.merge_lora(model)

@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import dataclasses
 import math
+import os
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -159,7 +160,35 @@ def _pin_glibc_mmap_threshold(threshold: int = 64 * KIB) -> bool:
         return False
 
 
-def _ru_maxrss_bytes() -> int:
+_PROC_STATUS = "/proc/self/status"
+_PROC_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _reset_rss_high_water_mark() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where unsupported.
+
+    Linux (>= 4.0) resets it on ``echo 5 > /proc/self/clear_refs``.  Without a reset the
+    high-water mark includes every earlier spike of the process and, across ``exec``, the
+    resident set of the parent that spawned it (a test runner, a launcher), which can mask the
+    run's own peak entirely.
+    """
+    try:
+        with open(_PROC_CLEAR_REFS, "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_high_water_mark_bytes() -> int:
+    """``VmHWM`` (peak RSS since the last reset); ``ru_maxrss`` where /proc is unavailable."""
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * KIB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux reports KiB
 
 
@@ -168,10 +197,11 @@ class PeakMemoryMeter:
 
     CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats``.
 
-    CPU: the peak resident set above the RSS at ``start``.  The kernel keeps one high-water mark
-    per process (``ru_maxrss``) that can never be reset, so it is only clean in a fresh process:
-    any earlier, larger spike (another model, another grid cell) masks a later peak, which is why
-    every setting must run in its own process.  ``start`` also pins glibc's mmap threshold (see
+    CPU: the peak resident set above the RSS at ``start``.  ``start`` resets the kernel's
+    high-water mark (:func:`_reset_rss_high_water_mark`) so earlier spikes do not count; where
+    that is impossible the reading is only exact if the peak rose above the old mark.  Every grid
+    setting still runs in its own process, so allocator state left by another setting cannot
+    leak into its figure.  ``start`` also pins glibc's mmap threshold (see
     :func:`_pin_glibc_mmap_threshold`) so that RSS follows live tensors as
     ``max_memory_allocated`` does on CUDA rather than what the allocator kept.
     """
@@ -195,7 +225,10 @@ class PeakMemoryMeter:
         else:
             if self.pin_malloc:
                 self.malloc_pinned = _pin_glibc_mmap_threshold()
-            self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
+            # A reset mark equals the current RSS, so any later rise is the run's own.
+            reset = _reset_rss_high_water_mark()
+            rss = psutil.Process().memory_info().rss
+            self._start = (rss, rss - 1 if reset else _rss_high_water_mark_bytes())
         return self
 
     def read(self) -> PeakMemory:
@@ -210,7 +243,7 @@ class PeakMemoryMeter:
                 reserved=torch.cuda.max_memory_reserved(self.device) - base2,
                 exact=True,
             )
-        hwm = _ru_maxrss_bytes()
+        hwm = _rss_high_water_mark_bytes()
         return PeakMemory(device="cpu", peak=max(hwm - base, 0), reserved=None, exact=hwm > base2)
 
 
@@ -241,7 +274,11 @@ class TrainingPlan:
     linear weights in 8 or 4 (NF4, blocksize 64, double quant) bits; embeddings, ``lm_head`` and
     norms stay in the precision's dtype.  ``peft.prepare_model_for_kbit_training`` would upcast
     those to fp32; this planner does not assume it.  The optimizer is AdamW with two fp32
-    states per trainable parameter.  ``device`` selects the runtime overhead and the few
+    states per trainable parameter.  Gradients are freed after every optimizer step
+    (``zero_grad(set_to_none=True)``, as ftkit's Trainer does): without accumulation they do not
+    exist yet in forward and only partly in backward; with ``gradient_accumulation_steps`` > 1
+    (and under DeepSpeed, whose gradient buffers persist) they are alive throughout the step.
+    ``device`` selects the runtime overhead and the few
     kernel differences between CUDA and the CPU used to validate the planner.
     """
 
@@ -252,6 +289,7 @@ class TrainingPlan:
     quantization: str | None = None
     gradient_checkpointing: bool = False
     micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
     seq_len: int = 512
     world_size: int = 1
     strategy: str = "ddp"
@@ -278,7 +316,7 @@ class TrainingPlan:
                 raise ValueError(f"{name} must be one of {valid}, got {value!r}")
         if self.quantization is not None and self.lora_r is None:
             raise ValueError("quantized weights cannot be fully fine-tuned; set lora_r")
-        for name in ("micro_batch_size", "seq_len", "world_size"):
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -294,6 +332,8 @@ class TrainingPlan:
         if self.gradient_checkpointing:
             parts.append("GC")
         parts.append(f"micro-batch {self.micro_batch_size} x seq {self.seq_len}")
+        if self.gradient_accumulation_steps > 1:
+            parts.append(f"GA x{self.gradient_accumulation_steps}")
         if self.world_size > 1:
             parts.append(f"{self.world_size} GPUs {self.strategy}")
         return ", ".join(parts)
@@ -557,11 +597,9 @@ def _head(a: _Arch, R: _Regime) -> int:
 def _activation_phases(
     a: _Arch, plan: TrainingPlan, R: _Regime, opt_temp: int, quantized_weight: int
 ) -> dict[str, int]:
-    """Peak transient bytes of each phase of a step; the activation estimate is their maximum.
-
-    Gradients are assumed to persist through the step (gradient accumulation, or
-    ``zero_grad(set_to_none=False)``), so the grads category is counted in full beside every
-    phase.  Phases:
+    """Peak transient bytes of each phase of a step, on top of parameters, optimizer state and
+    every gradient; :func:`estimate` then takes off the gradients a phase does not hold yet (see
+    :class:`TrainingPlan`) and the activation estimate is the maximum.  Phases:
 
     * ``loss backward``: everything the forward kept, plus the two fp32 vocab-wide buffers
       cross-entropy backward allocates (grad of the log-probabilities, grad of the logits).
@@ -623,9 +661,26 @@ GPUS = {
 
 # CUDA: PyTorch's context with lazy module loading plus cuBLAS workspaces (~0.5 GiB), the caching
 # allocator's slack over the allocated peak (~5 %), and NCCL buffers when several GPUs talk.
-# CPU: what the runtime adds after imports (thread pools, oneDNN caches), measured on this kit.
+# CPU: what the runtime adds after imports (thread pools, oneDNN caches), measured on this kit;
+# half precision on a CPU with native bf16 instructions adds oneDNN's JIT-compiled bf16 kernels
+# and their scratchpads (11-17 MiB across the grid on an AVX512-BF16 Xeon; gone when oneDNN is
+# held to an ISA without bf16, e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, where bf16 is emulated).
 CUDA_CONTEXT, CUDA_ALLOCATOR_SLACK, NCCL_BUFFERS = 512 * MIB, 0.05, 256 * MIB
-CPU_RUNTIME = 32 * MIB
+CPU_RUNTIME, CPU_NATIVE_BF16_KERNELS = 32 * MIB, 14 * MIB
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX), as far as the CPU flags and
+    an ``ONEDNN_MAX_CPU_ISA`` cap tell."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if cap != "ALL" and "BF16" not in cap and "AMX" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _gib(n: float) -> str:
@@ -725,14 +780,12 @@ def _cheaper_plans(plan: TrainingPlan):
     if not plan.gradient_checkpointing:
         plan, changes = replace(plan, gradient_checkpointing=True), ("gradient checkpointing",)
         yield changes, plan
-    batch, steps = plan.micro_batch_size, changes
+    batch, steps = plan.micro_batch_size * plan.gradient_accumulation_steps, changes
     while plan.micro_batch_size > 1:
-        plan = replace(plan, micro_batch_size=plan.micro_batch_size // 2)
-        accumulation = math.ceil(batch / plan.micro_batch_size)
-        changes = (
-            *steps,
-            f"micro-batch {plan.micro_batch_size} with gradient accumulation x{accumulation}",
-        )
+        micro = plan.micro_batch_size // 2
+        accumulation = math.ceil(batch / micro)
+        plan = replace(plan, micro_batch_size=micro, gradient_accumulation_steps=accumulation)
+        changes = (*steps, f"micro-batch {micro} with gradient accumulation x{accumulation}")
         yield changes, plan
     if not plan.full:
         steps = changes
@@ -830,6 +883,19 @@ def estimate(
         else:
             grad_bytes = math.ceil(grad_bytes / n)
             opt_bytes = math.ceil(opt_bytes / n)
+    if plan.gradient_accumulation_steps == 1 and not deepspeed:
+        # Freed gradients come back only in backward: none before the lm_head's, then the head's
+        # and one block's while the first block runs backward.  DDP's bucket copy stays.
+        own = grad_bytes // 2 if plan.strategy == "ddp" and n > 1 else grad_bytes
+        later = (
+            a.vocab * a.hidden + a.outer_norm_params + a.block_params
+            if plan.full
+            else trainable // L
+        )
+        block = "block recompute" if plan.gradient_checkpointing else "block backward"
+        absent = dict.fromkeys(("forward", "loss backward", "lm_head backward"), own)
+        absent[block] = own - min(own, math.ceil(own * later / trainable))
+        phases = {name: value - absent.get(name, 0) for name, value in phases.items()}
     activations = max(phases.values())
     allocated = param_bytes + grad_bytes + opt_bytes + activations
     if plan.device == "cuda":
@@ -837,7 +903,8 @@ def estimate(
             CUDA_CONTEXT + int(CUDA_ALLOCATOR_SLACK * allocated) + (NCCL_BUFFERS if n > 1 else 0)
         )
     else:
-        overhead = CPU_RUNTIME
+        native_bf16 = plan.precision != "fp32" and cpu_has_native_bf16()
+        overhead = CPU_RUNTIME + (CPU_NATIVE_BF16_KERNELS if native_bf16 else 0)
     return MemoryEstimate(
         model=getattr(cfg, "name_or_path", "") or a.kind,
         plan=plan,
@@ -873,7 +940,7 @@ _ANCHORS = (
         "full FT, mixed precision Adam: 16 bytes/param = 112 GB before activations",
         "llama full static",
     ),
-    ("same blog", "Llama-2-7B LoRA on 4-bit base fits one T4 16GB", "llama qlora t4"),
+    ("same blog", "Llama-2-7B fine-tunes with LoRA on one T4 16GB", "llama lora t4"),
     (
         "huggingface/peft README (2023), A100 80GB",
         "bloomz-7b1: full FT OOM; LoRA in plain PyTorch 32 GB",
@@ -906,9 +973,12 @@ def _anchor_value(key: str) -> str:
             f"{static / e.total_params:.0f} bytes/param = {static / 1e9:.0f} GB "
             f"(+{e.activations / 1e9:.0f} GB activations at 1 x 512)"
         )
-    if key == "llama qlora t4":
-        e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization="4bit"))
-        return f"{e.verdict('T4')}"
+    if key == "llama lora t4":
+        fp16, nf4 = (
+            estimate("llama2-7b", TrainingPlan(precision="fp16", quantization=q))
+            for q in (None, "4bit")
+        )
+        return f"fp16 base: {fp16.verdict('T4')}\n                  4-bit base: {nf4.verdict('T4')}"
     if key == "bloom7b":
         full = estimate("bloom-7b1", TrainingPlan(lora_r=None, precision="fp32"))
         lora = estimate("bloom-7b1", TrainingPlan(precision="fp32", micro_batch_size=8, seq_len=64))
@@ -969,6 +1039,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--batch", type=int, default=1, help="micro-batch size per device")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
@@ -997,6 +1068,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
             quantization=None if args.quantization == "none" else args.quantization,
             gradient_checkpointing=args.gradient_checkpointing,
             micro_batch_size=args.batch,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             seq_len=args.seq_len,
             world_size=args.world_size,
             strategy=args.strategy,

@@ -79,8 +79,24 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
 
         # Only for quantised bases: it upcasts norms and enables input grads for k-bit training.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        keep_4bit_weights_trainable(model)
     model.config.use_cache = False  # the KV cache is useless in training and breaks with GC
     return model
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Turn off bitsandbytes' inference-only CPU repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight in place on the first eval-mode
+    forward without grad (bitsandbytes 0.50); after that, backward no longer reaches anything
+    upstream of it (every LoRA gradient is None), and the repack asserts on dimensions that are
+    not multiples of 32 x 64.  ftkit evaluates before and during training, so it keeps the
+    training layout.  This sets the per-instance flag the layer reads each forward; no code is
+    patched.  A no-op on GPUs and other CPUs.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def enable_gradient_checkpointing(model) -> None:

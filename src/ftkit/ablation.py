@@ -1,0 +1,602 @@
+"""The ablation grid: what gradient accumulation, mixed precision, LoRA and gradient
+checkpointing each buy, measured on one model, one set of records and a fixed number of steps.
+
+Every cell trains through ``accelerate launch recipes/alpaca_lora.py`` (the path users run) in a
+fresh process, so its peak memory starts clean (see :class:`ftkit.memory.PeakMemoryMeter`). Per
+cell the report reads the run's ``metrics.json`` / ``metrics.jsonl`` beside the planner's
+prediction for the same setting, and writes Table 2 (one row per cell), Table 1 (↑ ↓ ≈ per
+technique and category, derived from pairs of cells that differ in that technique only) and two
+charts.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ftkit.config import EMBEDDED_DATASET, Recipe
+from ftkit.errors import ConfigError, FtkitError
+from ftkit.io import atomic_write_json, atomic_write_text
+from ftkit.memory import MIB, TrainingPlan, cpu_has_native_bf16, estimate
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE_SCRIPT = REPO / "recipes" / "alpaca_lora.py"
+EMBEDDED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny-llama"
+PRECISIONS = ("fp32", "bf16", "fp16")
+LORA_IMPLS = ("none", "ftkit", "peft")
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+HALF_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
+CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One setting of the four techniques.  GA is ``micro_batch`` x ``accumulation``: GA on
+    splits the same effective batch into smaller micro-batches."""
+
+    micro_batch: int
+    accumulation: int
+    precision: str
+    lora: str
+    gc: bool
+
+    @classmethod
+    def parse(cls, ga: str, precision: str, lora: str, gc: bool) -> Cell:
+        try:
+            micro, acc = (int(n) for n in str(ga).lower().split("x"))
+        except ValueError:
+            raise ConfigError(
+                f"GA level {ga!r} must be MICROxACCUMULATION, e.g. 4x1 or 1x4"
+            ) from None
+        if min(micro, acc) < 1:
+            raise ConfigError(f"GA level {ga!r}: micro-batch and accumulation must be >= 1")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision {precision!r} is not one of {PRECISIONS}")
+        if lora not in LORA_IMPLS:
+            raise ConfigError(f"lora {lora!r} is not one of {LORA_IMPLS}")
+        if not isinstance(gc, bool):
+            raise ConfigError(f"gc must be true or false, got {gc!r}")
+        return cls(micro, acc, precision, lora, gc)
+
+    @property
+    def name(self) -> str:
+        gc = "gc" if self.gc else "nogc"
+        return f"{self.micro_batch}x{self.accumulation}-{self.precision}-{self.lora}-{gc}"
+
+    @property
+    def ga(self) -> str:
+        return (
+            f"{'on' if self.accumulation > 1 else 'off'} ({self.micro_batch}×{self.accumulation})"
+        )
+
+    @property
+    def base_dtype(self) -> str:
+        """LoRA in half precision loads the frozen base in that dtype (adapters stay fp32); full
+        fine-tuning in half precision is AMP over fp32 weights, as the planner assumes."""
+        return "float32" if self.lora == "none" else HALF_DTYPE.get(self.precision, "float32")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A grid file (``recipes/ablation/*.yaml``): the model, the data and the cells.
+
+    ``model`` is a mapping of LlamaConfig values (built with seed 0, vocabulary and special ids
+    from ``tokenizer``) or a model name/path the recipe accepts (with its own tokenizer).
+    Relative paths are read from the repository root; a tokenizer or dataset path that is
+    missing falls back to the embedded one.
+    """
+
+    cells: tuple[Cell, ...]
+    model: str | dict
+    tokenizer: str = "embedded"
+    dataset: str = EMBEDDED_DATASET
+    max_length: int = 256
+    steps: int = 2
+    recipe: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Grid:
+        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        factors = ("ga", "precision", "lora", "gc")
+        if "cells" in spec:
+            rows = spec.pop("cells")
+        elif all(f in spec for f in factors):
+            rows = itertools.product(*(spec.pop(f) for f in factors))
+        else:
+            raise ConfigError(f"{path}: list the cells, or levels for each of {factors}")
+        cells = [Cell.parse(*row) for row in rows]
+        try:
+            grid = cls(cells=tuple(cells), **spec)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        Recipe.from_dict({**Recipe().to_dict(), **grid.recipe}, source=str(path))
+        if grid.steps < 2:
+            raise ConfigError("steps must be >= 2: the peak of interest has the optimizer state")
+        return grid
+
+    @property
+    def records_needed(self) -> int:
+        return self.steps * max(c.micro_batch * c.accumulation for c in self.cells)
+
+    def recipe_value(self, name: str):
+        return {**Recipe().to_dict(), **self.recipe}[name]
+
+
+# --------------------------------------------------------------------------- shared inputs
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every cell shares: the base checkpoint per dtype, the records, the sequence length."""
+
+    model_dirs: dict[str, Path]
+    dataset: Path
+    seq_len: int
+    config: object  # the transformers config, for the planner
+
+
+def _local(path: str, fallback: Path | str, what: str) -> str:
+    if path in ("embedded", EMBEDDED_DATASET):
+        return str(fallback)
+    full = REPO / path
+    if full.exists():
+        return str(full)
+    logger.warning("%s %s not found: using the embedded one", what, full)
+    return str(fallback)
+
+
+def filling_records(records: list[dict], tokenizer, max_length: int, n: int):
+    """The first ``n`` records whose tokens fill ``max_length`` (so every micro-batch of every
+    cell has the same shape and no padding), or, when fewer do, the longest length ``n`` reach."""
+    from ftkit.data import IGNORE_INDEX, tokenize_record
+
+    spans, filling = [], 0
+    for record in records:
+        tokens = tokenize_record(record, tokenizer, 10**9)
+        prompt, total = tokens["labels"].count(IGNORE_INDEX), len(tokens["input_ids"])
+        spans.append((prompt, total))
+        filling += prompt < max_length <= total
+        if filling == n:
+            break
+    for seq in range(max_length, 1, -1):
+        chosen = [r for r, (p, t) in zip(records, spans, strict=False) if p < seq <= t][:n]
+        if len(chosen) == n:
+            if seq < max_length:
+                logger.warning(
+                    "fewer than %d records reach %d tokens: using %d", n, max_length, seq
+                )
+            return chosen, seq
+    raise FtkitError(f"the dataset has fewer than {n} records; lower steps or the batch")
+
+
+def prepare(grid: Grid, out: Path) -> Setup:
+    """Build (or load) the base model once and save it in every dtype a cell loads, so no cell
+    pays a dtype conversion during loading (its transient would sit in the peak)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from ftkit.data import load_records, resolve_dataset, validate_records
+    from ftkit.modeling import load_tokenizer, resolve_model_path
+
+    if isinstance(grid.model, dict):
+        tokenizer = load_tokenizer(_local(grid.tokenizer, EMBEDDED_TOKENIZER, "tokenizer"))
+        config = LlamaConfig(
+            **{
+                "vocab_size": len(tokenizer),
+                "max_position_embeddings": max(grid.max_length, 256),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "tie_word_embeddings": False,
+                **grid.model,
+            }
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+    else:
+        source = resolve_model_path(grid.model)
+        tokenizer = load_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    dirs = {"float32": out / "base" / "float32"}
+    model.save_pretrained(dirs["float32"])
+    for dtype in sorted({c.base_dtype for c in grid.cells} - {"float32"}):
+        dirs[dtype] = out / "base" / dtype  # what from_pretrained(dtype=...) makes of fp32
+        half = AutoModelForCausalLM.from_pretrained(dirs["float32"], dtype=getattr(torch, dtype))
+        half.save_pretrained(dirs[dtype])
+    for path in dirs.values():
+        tokenizer.save_pretrained(path)
+
+    dataset = _local(grid.dataset, resolve_dataset(EMBEDDED_DATASET), "dataset")
+    records = validate_records(load_records(dataset), dataset, skip_bad=True)
+    chosen, seq_len = filling_records(records, tokenizer, grid.max_length, grid.records_needed)
+    atomic_write_text(out / "records.json", json.dumps(chosen))
+    return Setup(dirs, out / "records.json", seq_len, model.config)
+
+
+# --------------------------------------------------------------------------- one cell
+
+
+def _flags(values: dict) -> list[str]:
+    args = []
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        args += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
+    return args
+
+
+def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
+    targets = grid.recipe_value("lora_target")
+    return TrainingPlan(
+        lora_r=None if cell.lora == "none" else grid.recipe_value("lora_r"),
+        lora_targets=tuple(targets) if targets and cell.lora != "none" else None,
+        lora_dropout=0.0 if cell.lora == "none" else grid.recipe_value("lora_dropout"),
+        precision=cell.precision,
+        gradient_checkpointing=cell.gc,
+        micro_batch_size=cell.micro_batch,
+        gradient_accumulation_steps=cell.accumulation,
+        seq_len=setup.seq_len,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+
+
+def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> dict:
+    """Train one cell in a fresh ``accelerate launch`` process and return its Table 2 row."""
+    run_dir = out / "cells" / cell.name
+    cuda = torch.cuda.is_available()
+    if cell.precision == "fp16" and not cuda:
+        raise ConfigError("fp16 cells need CUDA; on CPU use fp32 and bf16")
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "accelerate_configs" / ("single_gpu_fp16.yaml" if cuda else "cpu.yaml")),
+        "--mixed_precision", MIXED_PRECISION[cell.precision],
+    ]  # fmt: skip
+    if not cuda:
+        launch += ["--num_cpu_threads_per_process", str(threads)]
+    recipe = {
+        **grid.recipe,
+        "model_name_or_path": setup.model_dirs[cell.base_dtype],
+        "model_dtype": cell.base_dtype,
+        "dataset": setup.dataset,
+        "validation_size": 0,
+        "max_length": setup.seq_len,
+        "max_steps": grid.steps,
+        "per_device_train_batch_size": cell.micro_batch,
+        "gradient_accumulation_steps": cell.accumulation,
+        "lora_impl": cell.lora,
+        "gradient_checkpointing": cell.gc,
+        "save_steps": 0,
+        "output_dir": run_dir,
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [*launch, str(RECIPE_SCRIPT), *_flags(recipe)]
+    logger.info("cell %s", cell.name)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise FtkitError(f"cell {cell.name} failed:\n{done.stderr[-4000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in steps if "loss" in row]
+    for weights in run_dir.glob("*.safetensors"):  # the grid measures; it keeps no weights
+        weights.unlink()
+    timed = steps[1:] or steps  # the first step pays one-off costs in every cell
+    mem = metrics["memory"]
+    planned = estimate(setup.config, plan_for(grid, setup, cell))
+    measured = {c: mem[f"{c}_bytes"] for c in CATEGORIES}
+    return {
+        "cell": cell.name,
+        "ga": cell.ga,
+        "micro_batch": cell.micro_batch,
+        "accumulation": cell.accumulation,
+        "precision": cell.precision,
+        "lora": cell.lora,
+        "gc": "on" if cell.gc else "off",
+        "peak_bytes": mem["peak_bytes"],
+        **{f"{c}_bytes": v for c, v in measured.items()},
+        "planned_bytes": planned.total,
+        **{f"planned_{c}_bytes": getattr(planned, c) for c in CATEGORIES},
+        "planner_error": planned.total / mem["peak_bytes"] - 1,
+        "planner_peak_phase": max(planned.phases, key=lambda phase: phase[1])[0],
+        "planner_static_exact": all(
+            getattr(planned, c) == measured[c] for c in ("params", "grads", "optimizer")
+        ),
+        "wall_time_s": metrics["wall_time_s"],
+        "step_time_s": statistics.median(row["step_time_s"] for row in timed),
+        "tokens_per_s": statistics.median(row["tokens_per_s"] for row in timed),
+        "trainable_params": mem["trainable_params"],
+        "total_params": mem["total_params"],
+        "train_loss": metrics["train_loss"],
+        "peak_kind": mem["peak_kind"],
+    }
+
+
+def cell_of(row: dict) -> Cell:
+    return Cell(
+        row["micro_batch"], row["accumulation"], row["precision"], row["lora"], row["gc"] == "on"
+    )
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def _ga_on(cell: Cell, rows: dict[Cell, dict]) -> list[dict]:
+    """Partners of a GA-off cell: its effective batch split into micro-batches, all else equal."""
+    return [
+        rows[c]
+        for c in rows
+        if cell.accumulation == 1
+        and c.accumulation > 1
+        and c.micro_batch * c.accumulation == cell.micro_batch
+        and dataclasses.replace(c, micro_batch=cell.micro_batch, accumulation=1) == cell
+    ]
+
+
+def _switch(factor: str, off, on):
+    """Partner of a cell whose ``factor`` is ``off``: the same cell with ``factor`` = ``on``."""
+
+    def partner(cell: Cell, rows: dict[Cell, dict]) -> list[dict]:
+        other = dataclasses.replace(cell, **{factor: on})
+        return [rows[other]] if getattr(cell, factor) == off and other in rows else []
+
+    return partner
+
+
+def _method(cell: Cell) -> str:
+    return "full FT" if cell.lora == "none" else "LoRA"
+
+
+def _precision(cell: Cell) -> str:
+    return cell.precision
+
+
+# (name, the "on" partners of an "off" cell, the context a pair is reported under): what a
+# technique buys differs between LoRA and full fine-tuning, and LoRA's between precisions.
+TECHNIQUES = (
+    ("GA, same effective batch", _ga_on, _method),
+    ("bf16 mixed precision", _switch("precision", "fp32", "bf16"), _method),
+    ("fp16 mixed precision", _switch("precision", "fp32", "fp16"), _method),
+    ("gradient checkpointing", _switch("gc", False, True), _method),
+    ("ftkit LoRA vs full FT", _switch("lora", "none", "ftkit"), _precision),
+    ("PEFT LoRA vs full FT", _switch("lora", "none", "peft"), _precision),
+    ("ftkit LoRA vs PEFT LoRA", _switch("lora", "peft", "ftkit"), _precision),
+)
+TABLE1_COLUMNS = (*CATEGORIES, "peak", "time")
+_COLUMN_KEY = {**{c: f"{c}_bytes" for c in CATEGORIES}, "peak": "peak_bytes", "time": "step_time_s"}
+
+
+def _arrow(ratio: float) -> str:
+    return "↓" if ratio < 0.9 else "↑" if ratio > 1.1 else "≈"
+
+
+def technique_effects(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """For each technique and context, the on/off ratio of every column over all pairs of cells
+    that differ in that technique only (the other three factors equal)."""
+    by_cell = {cell_of(row): row for row in rows}
+    effects: dict[str, dict[str, list[float]]] = {}
+    for name, partner, context in TECHNIQUES:
+        for cell, off in by_cell.items():
+            for on in partner(cell, by_cell):
+                ratios = effects.setdefault(
+                    f"{name} ({context(cell)})", {c: [] for c in TABLE1_COLUMNS}
+                )
+                for col in TABLE1_COLUMNS:
+                    if off[_COLUMN_KEY[col]] > 0:
+                        ratios[col].append(on[_COLUMN_KEY[col]] / off[_COLUMN_KEY[col]])
+    return effects
+
+
+def _effect_text(ratios: list[float]) -> str:
+    if not ratios:
+        return "n/a"
+    lo, hi = min(ratios), max(ratios)
+    if _arrow(lo) == _arrow(hi):
+        return f"{_arrow(statistics.median(ratios))} ×{statistics.median(ratios):.2g}"
+    return f"{_arrow(lo)}/{_arrow(hi)} ×{lo:.2g}–{hi:.2g}"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"GPU, {torch.cuda.get_device_name()}"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        model = names[0] if names else ""
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = "native" if cpu_has_native_bf16() else "emulated"
+    return f"CPU, {cores} cores ({model}; torch kernels: {isa}; bf16 {bf16})"
+
+
+def _mib(n: float) -> str:
+    return f"{n / MIB:,.1f}"
+
+
+def table2(rows: list[dict]) -> str:
+    head = (
+        "| GA (micro×acc) | precision | LoRA | GC | peak MiB | planned MiB | planner error | time s "
+        "| tokens/s | speed vs row 1 | trainable % | loss | params MiB | grads MiB | optimizer MiB "
+        "| activations MiB | peak phase (planner) |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    first = rows[0]["tokens_per_s"]
+    for r in rows:
+        lines.append(
+            f"| {r['ga']} | {r['precision']} | {r['lora']} | {r['gc']} | {_mib(r['peak_bytes'])} "
+            f"| {_mib(r['planned_bytes'])} | {100 * r['planner_error']:+.1f} % | {r['wall_time_s']:.1f} "
+            f"| {r['tokens_per_s']:.0f} | ×{r['tokens_per_s'] / first:.2f} "
+            f"| {100 * r['trainable_params'] / r['total_params']:.3f} | {r['train_loss']:.4f} "
+            + " ".join(f"| {_mib(r[f'{c}_bytes'])}" for c in CATEGORIES)
+            + f" | {r['planner_peak_phase']} |"
+        )
+    return "\n".join(lines)
+
+
+def table1(rows: list[dict]) -> str:
+    lines = [
+        "| technique | " + " | ".join(TABLE1_COLUMNS) + " | pairs |",
+        "|---|" + "---|" * (len(TABLE1_COLUMNS) + 1),
+    ]
+    for name, ratios in technique_effects(rows).items():
+        cells = " | ".join(_effect_text(ratios[col]) for col in TABLE1_COLUMNS)
+        lines.append(f"| {name} | {cells} | {len(ratios['time'])} |")
+    return "\n".join(lines)
+
+
+def report_markdown(rows: list[dict], grid: Grid, setup: Setup, title: str) -> str:
+    errors = [abs(r["planner_error"]) for r in rows]
+    exact = sum(r["planner_static_exact"] for r in rows)
+    cfg = setup.config
+    n_params = rows[0]["total_params"] if rows[0]["lora"] == "none" else None
+    size = f"{n_params / 1e6:.1f}M parameters, " if n_params else ""
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Machine: **{machine()}**, torch {torch.__version__}. Model: {cfg.model_type}, {size}"
+            f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocabulary {cfg.vocab_size}. "
+            f"Every cell: {grid.steps} optimizer steps on the same {grid.records_needed} records, "
+            f"each exactly {setup.seq_len} tokens (no padding); effective batch = micro × acc; "
+            f"LoRA r={grid.recipe_value('lora_r')} on {grid.recipe_value('lora_target') or 'q/v'}, "
+            f"dropout {grid.recipe_value('lora_dropout')}; one fresh `accelerate launch` process "
+            "per cell.",
+            "",
+            "## Table 2: every cell",
+            "",
+            table2(rows),
+            "",
+            f"Peak: {rows[0]['peak_kind']}. On CPU that is the kernel's high-water mark of the "
+            "resident set (`VmHWM`, reset when the Trainer starts, after imports and before the "
+            "model) minus the RSS at that moment, with glibc's mmap threshold pinned so freed activations leave the "
+            "resident set as they do on a GPU allocator. params/grads/optimizer are exact bytes "
+            "counted from the tensors after the last step; activations = peak − the three: "
+            "whatever else the peak holds, i.e. activations, every transient buffer alive at the "
+            "peak and the runtime's own growth. Where the peak is the optimizer step (full "
+            "fine-tuning without accumulation: gradients are freed between steps, so forward "
+            "and backward never hold them all) that residual is the optimizer's temporaries, "
+            "not activations; the last column names the phase the planner puts the peak in. "
+            "Half-precision LoRA loads the frozen base in that dtype (adapters fp32); half-"
+            "precision full fine-tuning is AMP over fp32 weights. time = wall time of the steps; "
+            "tokens/s = median over the steps after the first, real (non-pad) tokens.",
+            "",
+            f"Planner (`ftkit.memory.estimate`, same settings, before anything is loaded): "
+            f"params/grads/optimizer exact in {exact}/{len(rows)} cells; total vs measured peak "
+            f"within {100 * max(errors):.1f} % in every cell (median "
+            f"{100 * statistics.median(errors):.1f} %).",
+            "",
+            "## Table 1: what each technique buys, derived from the cells above",
+            "",
+            table1(rows),
+            "",
+            "Each entry is the ratio with / without the technique over every pair of cells that "
+            "differ in that technique only (median; a range when pairs disagree): ↓ below ×0.9, "
+            "↑ above ×1.1, ≈ between; time is the median step time after the first step. Nothing "
+            "in this table is typed in. Read activations against Table 2's last column: where a "
+            "cell peaks at the optimizer step its residual is the optimizer's temporaries, so a "
+            "ratio against it is not an activation ratio (peak is the unambiguous column).",
+            "",
+            "![memory breakdown](memory.png)",
+            "",
+            "![time](time.png)",
+            "",
+        ]
+    )
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [
+        f"{r['micro_batch']}×{r['accumulation']}\n{r['precision']}\n{r['lora']}\n{'GC' if r['gc'] == 'on' else '-'}"
+        for r in rows
+    ]
+    x = range(len(rows))
+    width = max(6, 0.55 * len(rows))
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    bottom = [0.0] * len(rows)
+    for category in CATEGORIES:
+        values = [r[f"{category}_bytes"] / MIB for r in rows]
+        ax.bar(x, values, bottom=bottom, label=category)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.scatter(
+        x,
+        [r["planned_bytes"] / MIB for r in rows],
+        marker="_",
+        s=300,
+        color="black",
+        label="planner total",
+        zorder=3,
+    )
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("MiB")
+    ax.set_title(f"Measured memory by category ({machine()})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "memory.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(width, 4))
+    colors = {"fp32": "tab:blue", "bf16": "tab:orange", "fp16": "tab:green"}
+    ax.bar(x, [r["wall_time_s"] for r in rows], color=[colors[r["precision"]] for r in rows])
+    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_ylabel("wall time of the steps, s")
+    ax.set_title("Time per cell (blue fp32, orange bf16, green fp16)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "time.png", dpi=100)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], grid: Grid, setup: Setup, out: Path, title: str) -> None:
+    """``ablation.md`` (Tables 2 and 1), ``ablation.csv``, ``ablation.json``, two PNG charts."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "ablation.csv", buffer.getvalue())
+    atomic_write_json(
+        out / "ablation.json",
+        {"machine": machine(), "rows": rows, "effects": technique_effects(rows)},
+    )
+    atomic_write_text(out / "ablation.md", report_markdown(rows, grid, setup, title))
+    plot(rows, out)
+
+
+def run_grid(grid: Grid, out: str | Path, jobs: int = 1, title: str = "Ablation") -> list[dict]:
+    """Every cell of ``grid`` in its own process, ``jobs`` at a time (memory figures do not
+    depend on ``jobs``; timings are only comparable with ``jobs=1``)."""
+    out = Path(out).resolve()
+    setup = prepare(grid, out)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = max(1, (cores or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        rows = list(pool.map(lambda cell: run_cell(grid, setup, cell, out, threads), grid.cells))
+    write_report(rows, grid, setup, out, title)
+    return rows

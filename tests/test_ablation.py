@@ -1,0 +1,160 @@
+"""The ablation grid: the quick grid runs for real (every cell its own ``accelerate launch``
+process) and its measurements must show the physics each technique claims; Table 1 must come
+from the cells, not from a table typed in."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from ftkit.ablation import (
+    EMBEDDED_TOKENIZER,
+    REPO,
+    Cell,
+    Grid,
+    cell_of,
+    filling_records,
+    run_grid,
+    technique_effects,
+)
+from ftkit.errors import ConfigError
+
+QUICK = REPO / "recipes" / "ablation" / "quick.yaml"
+
+
+def cell(ga="4x1", precision="fp32", lora="peft", gc=False) -> Cell:
+    return Cell.parse(ga, precision, lora, gc)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory, alpaca_path):
+    out = tmp_path_factory.mktemp("ablation")
+    rows = run_grid(Grid.load(QUICK), out, jobs=2)
+    return {cell_of(row): row for row in rows}, out
+
+
+def test_lora_cuts_grads_and_optimizer_to_the_closed_form_adapter_size(quick):
+    rows, _ = quick
+    grid = Grid.load(QUICK)
+    h, layers, r = grid.model["hidden_size"], grid.model["num_hidden_layers"], 8
+    adapted = 2  # q_proj and v_proj: h -> h each (no grouped kv heads in this config)
+    adapter = layers * adapted * r * (h + h)  # A is r x d_in, B is d_out x r
+    full = rows[cell(lora="none")]
+    assert full["grads_bytes"] == full["params_bytes"] == 4 * full["total_params"]
+    for impl in ("ftkit", "peft"):
+        lora = rows[cell(lora=impl)]
+        assert lora["trainable_params"] == adapter
+        assert lora["grads_bytes"] == 4 * adapter  # fp32 gradients
+        # AdamW: exp_avg + exp_avg_sq in fp32, plus one 4-byte step counter per tensor (A and B)
+        assert lora["optimizer_bytes"] == 2 * 4 * adapter + 4 * 2 * adapted * layers
+        assert lora["grads_bytes"] + lora["optimizer_bytes"] < 0.02 * (
+            full["grads_bytes"] + full["optimizer_bytes"]
+        )
+        assert lora["peak_bytes"] < full["peak_bytes"]
+
+
+def test_gradient_checkpointing_lowers_activation_memory(quick):
+    rows, _ = quick
+    without, with_gc = rows[cell()], rows[cell(gc=True)]
+    assert with_gc["activations_bytes"] < 0.75 * without["activations_bytes"]
+    assert with_gc["params_bytes"] == without["params_bytes"]
+
+
+def test_bf16_lowers_activation_memory_and_halves_the_frozen_base(quick):
+    rows, _ = quick
+    fp32, bf16 = rows[cell()], rows[cell(precision="bf16")]
+    # Only "lower": CPU autocast keeps norms, the fp32 adapters' inputs and the logits in fp32,
+    # and the residual also holds the runtime (more of it where oneDNN runs bf16 natively).
+    assert bf16["activations_bytes"] < 0.9 * fp32["activations_bytes"]
+    adapters = 4 * fp32["trainable_params"]  # adapters stay fp32 over the bf16 base
+    assert bf16["params_bytes"] - adapters == (fp32["params_bytes"] - adapters) // 2
+
+
+def test_accumulation_keeps_per_micro_batch_memory_and_the_update(quick):
+    rows, _ = quick
+    big, accumulated, small = rows[cell()], rows[cell(ga="1x4")], rows[cell(ga="1x1")]
+    # GA on (micro-batch 1, x4) holds what one micro-batch of 1 holds, not what a batch of 4 does
+    assert abs(accumulated["peak_bytes"] - small["peak_bytes"]) < 0.05 * small["peak_bytes"]
+    assert accumulated["activations_bytes"] < 0.6 * big["activations_bytes"]
+    # ... and trains on the same effective batch: the loss after two steps matches 4x1
+    assert accumulated["train_loss"] == pytest.approx(big["train_loss"], abs=1e-3)
+
+
+def test_planner_is_exact_on_tensors_and_close_on_the_peak(quick):
+    rows, _ = quick
+    for row in rows.values():
+        assert row["planner_static_exact"], row["cell"]
+        assert abs(row["planner_error"]) < 0.10, (row["cell"], row["planner_error"])
+
+
+def test_report_is_derived_from_the_cells(quick):
+    rows, out = quick
+    report = (out / "ablation.md").read_text()
+    assert "Table 2" in report and "Table 1" in report and "CPU, " in report
+    assert (out / "memory.png").stat().st_size > 0 and (out / "time.png").stat().st_size > 0
+    assert len((out / "ablation.csv").read_text().splitlines()) == 1 + len(rows)
+    effects = json.loads((out / "ablation.json").read_text())["effects"]
+    assert effects == technique_effects(list(rows.values()))
+    assert max(effects["gradient checkpointing (LoRA)"]["activations"]) < 0.9
+    assert max(effects["PEFT LoRA vs full FT (fp32)"]["optimizer"]) < 0.02
+    assert effects["GA, same effective batch (LoRA)"]["activations"][0] < 0.9
+
+
+def _row(c: Cell, **values) -> dict:
+    base = {f"{k}_bytes": 100 for k in ("params", "grads", "optimizer", "activations", "peak")}
+    return {
+        "micro_batch": c.micro_batch,
+        "accumulation": c.accumulation,
+        "precision": c.precision,
+        "lora": c.lora,
+        "gc": "on" if c.gc else "off",
+        "step_time_s": 1.0,
+        **base,
+        **values,
+    }
+
+
+def test_table1_pairs_cells_that_differ_in_one_technique_only():
+    rows = [
+        _row(cell("4x1")),
+        _row(cell("1x4"), activations_bytes=30),
+        _row(cell("1x1"), activations_bytes=25),  # another effective batch: no GA pair
+        _row(cell("4x1", gc=True), activations_bytes=40, step_time_s=1.3),
+        _row(cell("1x4", precision="bf16", gc=True), activations_bytes=1),  # differs in two
+    ]
+    effects = technique_effects(rows)
+    assert effects["GA, same effective batch (LoRA)"]["activations"] == [0.3]
+    assert effects["gradient checkpointing (LoRA)"]["activations"] == [0.4]
+    assert effects["gradient checkpointing (LoRA)"]["time"] == [1.3]
+    assert not any(name.startswith("bf16") for name in effects)
+
+
+def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
+    for name in ("grid", "quick", "bench"):
+        grid = Grid.load(REPO / "recipes" / "ablation" / f"{name}.yaml")
+        assert len(set(grid.cells)) == len(grid.cells)
+    assert len(Grid.load(REPO / "recipes" / "ablation" / "grid.yaml").cells) == 24
+    bad = tmp_path / "bad.yaml"
+    for text, match in (
+        ("model: ftkit:tiny-llama\ncells: [[4, fp32, peft, false]]\n", "MICROxACCUMULATION"),
+        ("model: ftkit:tiny-llama\ncells: [[4x1, fp8, peft, false]]\n", "precision"),
+        (
+            "model: ftkit:tiny-llama\ncells: [[4x1, fp32, peft, false]]\nrecipe: {lora_rank: 4}\n",
+            "lora_r",
+        ),
+        ("model: ftkit:tiny-llama\nsteps: 1\ncells: [[4x1, fp32, peft, false]]\n", "steps"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=match):
+            Grid.load(bad)
+
+
+def test_filling_records_fill_max_length_or_fall_back_to_the_longest_common_length():
+    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_TOKENIZER)
+    records = json.loads((REPO / "src/ftkit/assets/tiny_instructions.json").read_text())
+    chosen, seq = filling_records(records, tokenizer, 40, 8)
+    assert seq == 40 and len(chosen) == 8
+    chosen, seq = filling_records(records, tokenizer, 4096, 8)  # no record is that long
+    assert len(chosen) == 8 and 40 < seq < 4096
