@@ -420,7 +420,6 @@ _RELOAD_SCRIPT = textwrap.dedent(
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
     from ftkit import lora
-from ftkit.modeling import keep_4bit_weights_trainable
 
     model_dir, adapter_dir, out_file = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -615,7 +614,6 @@ def test_importing_ftkit_lora_does_not_need_bitsandbytes():
         sys.modules["bitsandbytes"] = None  # any import of it now fails
         from torch import nn
         from ftkit import lora
-from ftkit.modeling import keep_4bit_weights_trainable
         model = nn.Sequential(nn.Linear(4, 4))
         assert lora.apply_lora(model, r=2, alpha=2, dropout=0.0, target_modules=["0"]) == ["0"]
         lora.merge_lora(model)

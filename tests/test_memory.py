@@ -331,23 +331,29 @@ def test_estimate_is_a_frozen_record():
 
 
 _SPIKE_THEN_METER = r"""
-import json
+import json, mmap, sys
 import torch
 from ftkit.memory import PeakMemoryMeter
 spike = torch.ones(64 * 2**20 // 4)  # 64 MiB before the meter starts, then freed
 del spike
 meter = PeakMemoryMeter("cpu").start()
+with open(sys.argv[1], "rb") as f:  # 32 MiB of a shared library's pages (code first called)
+    pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    touched = sum(pages[i] for i in range(0, len(pages), 4096))
 run = torch.ones(16 * 2**20 // 4)  # the run's own 16 MiB
 reading = meter.read()
 print(json.dumps({"peak": reading.peak, "exact": reading.exact}))
 """
 
 
-def test_cpu_meter_ignores_spikes_before_it_starts():
-    # The parent's resident set and any earlier spike sit in the kernel's high-water mark; the
-    # meter resets it at start, so only the run's own 16 MiB (plus a little) is reported.
+def test_cpu_meter_counts_the_runs_own_memory_only(tmp_path):
+    # An earlier spike (and the parent's resident set, inherited across exec) sits in the
+    # kernel's high-water mark, and library pages count in RSS: the meter resets the mark at
+    # start and leaves library pages out, so only the run's own 16 MiB (plus a little) remains.
+    mapped = tmp_path / "libpages.so"
+    mapped.write_bytes(b"\1" * 32 * 2**20)
     done = subprocess.run(
-        [sys.executable, "-c", _SPIKE_THEN_METER],
+        [sys.executable, "-c", _SPIKE_THEN_METER, str(mapped)],
         env={**os.environ, "PYTHONPATH": str(SRC)},
         capture_output=True,
         text=True,

@@ -492,7 +492,7 @@ def report_markdown(rows: list[dict], grid: Grid, setup: Setup, title: str) -> s
             "",
             f"Peak: {rows[0]['peak_kind']}. On CPU that is the kernel's high-water mark of the "
             "resident set (`VmHWM`, reset when the Trainer starts, after imports and before the "
-            "model) minus the RSS at that moment, with glibc's mmap threshold pinned so freed activations leave the "
+            "model) minus the RSS at that moment, shared-library (code) pages left out of both, with glibc's mmap threshold pinned so freed activations leave the "
             "resident set as they do on a GPU allocator. params/grads/optimizer are exact bytes "
             "counted from the tensors after the last step; activations = peak − the three: "
             "whatever else the peak holds, i.e. activations, every transient buffer alive at the "

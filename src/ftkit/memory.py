@@ -162,6 +162,7 @@ def _pin_glibc_mmap_threshold(threshold: int = 64 * KIB) -> bool:
 
 _PROC_STATUS = "/proc/self/status"
 _PROC_CLEAR_REFS = "/proc/self/clear_refs"
+_PROC_SMAPS = "/proc/self/smaps"
 
 
 def _reset_rss_high_water_mark() -> bool:
@@ -180,16 +181,29 @@ def _reset_rss_high_water_mark() -> bool:
         return False
 
 
-def _rss_high_water_mark_bytes() -> int:
-    """``VmHWM`` (peak RSS since the last reset); ``ru_maxrss`` where /proc is unavailable."""
+def _resident_bytes() -> tuple[int, int] | None:
+    """(peak RSS since the last reset, RSS of shared-library mappings now), from /proc.
+
+    Library pages are code (libtorch alone is ~0.5 GB of it) that the run faults in as it first
+    calls a kernel; how many become resident depends on the page cache, not on the run (20-30
+    MiB from one run to the next here), and no GPU allocator counts them.  Memory-mapped data
+    (safetensors weights) is not a library and stays counted.  None where there is no /proc.
+    """
     try:
         with open(_PROC_STATUS) as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        libraries, in_library = 0, False
+        with open(_PROC_SMAPS) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * KIB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux reports KiB
+                head = line.split(maxsplit=6)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    path = head[5].strip() if len(head) > 5 else ""
+                    in_library = ".so" in path.rsplit("/", 1)[-1]
+                elif in_library and line.startswith("Rss:"):
+                    libraries += int(line.split()[1])
+    except (OSError, StopIteration):
+        return None
+    return hwm * KIB, libraries * KIB
 
 
 class PeakMemoryMeter:
@@ -197,13 +211,16 @@ class PeakMemoryMeter:
 
     CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats``.
 
-    CPU: the peak resident set above the RSS at ``start``.  ``start`` resets the kernel's
-    high-water mark (:func:`_reset_rss_high_water_mark`) so earlier spikes do not count; where
-    that is impossible the reading is only exact if the peak rose above the old mark.  Every grid
-    setting still runs in its own process, so allocator state left by another setting cannot
-    leak into its figure.  ``start`` also pins glibc's mmap threshold (see
-    :func:`_pin_glibc_mmap_threshold`) so that RSS follows live tensors as
+    CPU: the peak resident set above the one at ``start``, shared-library pages left out on both
+    sides (see :func:`_resident_bytes`).  ``start`` resets the kernel's high-water mark
+    (:func:`_reset_rss_high_water_mark`) so earlier spikes do not count.  Library pages only
+    grow, so the mark minus the library pages at ``read`` is low by at most the code first
+    touched after the peak.  Every grid setting still runs in its own process, so allocator
+    state left by another setting cannot leak into its figure.  ``start`` also pins glibc's
+    mmap threshold (see :func:`_pin_glibc_mmap_threshold`) so that RSS follows live tensors as
     ``max_memory_allocated`` does on CUDA rather than what the allocator kept.
+    Without /proc (not Linux) it falls back to ``ru_maxrss`` minus the RSS at start, exact only
+    when the peak rose above the mark the process already had.
     """
 
     def __init__(self, device: str | torch.device | None = None, *, pin_malloc: bool = True):
@@ -225,10 +242,12 @@ class PeakMemoryMeter:
         else:
             if self.pin_malloc:
                 self.malloc_pinned = _pin_glibc_mmap_threshold()
-            # A reset mark equals the current RSS, so any later rise is the run's own.
-            reset = _reset_rss_high_water_mark()
-            rss = psutil.Process().memory_info().rss
-            self._start = (rss, rss - 1 if reset else _rss_high_water_mark_bytes())
+            resident = _reset_rss_high_water_mark() and _resident_bytes()
+            if resident:
+                rss, libraries = resident  # the mark was just reset to the current RSS
+                self._start = (rss - libraries, -1)
+            else:
+                self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
         return self
 
     def read(self) -> PeakMemory:
@@ -243,8 +262,17 @@ class PeakMemoryMeter:
                 reserved=torch.cuda.max_memory_reserved(self.device) - base2,
                 exact=True,
             )
-        hwm = _rss_high_water_mark_bytes()
+        resident = _resident_bytes() if base2 == -1 else None  # -1: the mark was reset
+        if resident:
+            hwm, libraries = resident
+            peak = hwm - libraries - base
+            return PeakMemory(device="cpu", peak=max(peak, 0), reserved=None, exact=True)
+        hwm = _ru_maxrss_bytes()
         return PeakMemory(device="cpu", peak=max(hwm - base, 0), reserved=None, exact=hwm > base2)
+
+
+def _ru_maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux reports KiB
 
 
 # --------------------------------------------------------------------------- planning inputs
@@ -661,12 +689,13 @@ GPUS = {
 
 # CUDA: PyTorch's context with lazy module loading plus cuBLAS workspaces (~0.5 GiB), the caching
 # allocator's slack over the allocated peak (~5 %), and NCCL buffers when several GPUs talk.
-# CPU: what the runtime adds after imports (thread pools, oneDNN caches), measured on this kit;
-# half precision on a CPU with native bf16 instructions adds oneDNN's JIT-compiled bf16 kernels
-# and their scratchpads (11-17 MiB across the grid on an AVX512-BF16 Xeon; gone when oneDNN is
-# held to an ISA without bf16, e.g. ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, where bf16 is emulated).
+# CPU: what the runtime allocates after imports (thread pools, oneDNN caches; library code pages
+# are left out by the meter), measured on this kit: 5-7 MiB for LoRA, 11-13 for full FT.  Half
+# precision on a CPU with native bf16 instructions adds oneDNN's JIT-compiled bf16 kernels and
+# their scratchpads (~10 MiB more; gone when oneDNN is held to an ISA without bf16, e.g.
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, where bf16 is emulated).
 CUDA_CONTEXT, CUDA_ALLOCATOR_SLACK, NCCL_BUFFERS = 512 * MIB, 0.05, 256 * MIB
-CPU_RUNTIME, CPU_NATIVE_BF16_KERNELS = 32 * MIB, 14 * MIB
+CPU_RUNTIME, CPU_NATIVE_BF16_KERNELS = 6 * MIB, 10 * MIB
 
 
 def cpu_has_native_bf16() -> bool:
