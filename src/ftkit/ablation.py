@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +29,12 @@ import yaml
 from ftkit.config import EMBEDDED_DATASET, Recipe
 from ftkit.errors import ConfigError, FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
+from ftkit.launch import launch_recipe
 from ftkit.memory import MIB, TrainingPlan, cpu_has_native_bf16, estimate
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE_SCRIPT = REPO / "recipes" / "alpaca_lora.py"
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny-llama"
 PRECISIONS = ("fp32", "bf16", "fp16")
 LORA_IMPLS = ("none", "ftkit", "peft")
@@ -265,7 +263,6 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
     if cell.precision == "fp16" and not cuda:
         raise ConfigError("fp16 cells need CUDA; on CPU use fp32 and bf16")
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(REPO / "accelerate_configs" / ("single_gpu_fp16.yaml" if cuda else "cpu.yaml")),
         "--mixed_precision", MIXED_PRECISION[cell.precision],
     ]  # fmt: skip
@@ -284,20 +281,13 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
         "lora_impl": cell.lora,
         "gradient_checkpointing": cell.gc,
         "save_steps": 0,
-        "output_dir": run_dir,
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [*launch, str(RECIPE_SCRIPT), *_flags(recipe)]
     logger.info("cell %s", cell.name)
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise FtkitError(f"cell {cell.name} failed:\n{done.stderr[-4000:]}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in steps if "loss" in row]
+    run = launch_recipe(launch, _flags(recipe), run_dir, name=f"cell {cell.name}", env=env)
     for weights in run_dir.glob("*.safetensors"):  # the grid measures; it keeps no weights
         weights.unlink()
-    timed = steps[1:] or steps  # the first step pays one-off costs in every cell
+    metrics = run.metrics
     mem = metrics["memory"]
     planned = estimate(setup.config, plan_for(grid, setup, cell))
     measured = {c: mem[f"{c}_bytes"] for c in CATEGORIES}
@@ -319,8 +309,8 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
             getattr(planned, c) == measured[c] for c in ("params", "grads", "optimizer")
         ),
         "wall_time_s": metrics["wall_time_s"],
-        "step_time_s": statistics.median(row["step_time_s"] for row in timed),
-        "tokens_per_s": statistics.median(row["tokens_per_s"] for row in timed),
+        "step_time_s": run.median("step_time_s"),
+        "tokens_per_s": run.median("tokens_per_s"),
         "trainable_params": mem["trainable_params"],
         "total_params": mem["total_params"],
         "train_loss": metrics["train_loss"],
@@ -415,10 +405,16 @@ def _effect_text(ratios: list[float]) -> str:
 # --------------------------------------------------------------------------- the report
 
 
+def _cores() -> int:
+    """Cores this process may run on (the affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"GPU, {torch.cuda.get_device_name()}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     model = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -430,7 +426,7 @@ def machine() -> str:
         model = names[0] if names else ""
     isa = torch.backends.cpu.get_cpu_capability()
     bf16 = "native" if cpu_has_native_bf16() else "emulated"
-    return f"CPU, {cores} cores ({model}; torch kernels: {isa}; bf16 {bf16})"
+    return f"CPU, {_cores()} cores ({model}; torch kernels: {isa}; bf16 {bf16})"
 
 
 def _mib(n: float) -> str:
@@ -594,8 +590,7 @@ def run_grid(grid: Grid, out: str | Path, jobs: int = 1, title: str = "Ablation"
     depend on ``jobs``; timings are only comparable with ``jobs=1``)."""
     out = Path(out).resolve()
     setup = prepare(grid, out)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = max(1, (cores or 1) // jobs)
+    threads = max(1, _cores() // jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(lambda cell: run_cell(grid, setup, cell, out, threads), grid.cells))
     write_report(rows, grid, setup, out, title)

@@ -8,9 +8,6 @@ final weights compare key by key.
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +16,9 @@ from safetensors.torch import load_file
 
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_text
+from ftkit.launch import launch_recipe
 
 IMPLS = ("ftkit", "peft")
-RECIPE_SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "alpaca_lora.py"
 
 
 @dataclass
@@ -37,21 +34,17 @@ def run_impl(
     impl: str, recipe_args: list[str], output_dir: Path, accelerate_config: str
 ) -> ImplRun:
     out = output_dir / impl
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-        str(RECIPE_SCRIPT), *recipe_args, "--lora_impl", impl, "--output_dir", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise FtkitError(f"the {impl} run failed:\n{done.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "loss" in row]
+    run = launch_recipe(
+        ["--config_file", accelerate_config],
+        [*recipe_args, "--lora_impl", impl],
+        out,
+        name=f"the {impl} run",
+    )
     return ImplRun(
         impl=impl,
-        losses=[row["loss"] for row in steps],
-        # the first step pays one-off costs (allocator warm-up, lazy init) in both runs
-        step_time_s=statistics.median(row["step_time_s"] for row in steps[1:] or steps),
-        metrics=json.loads((out / "metrics.json").read_text()),
+        losses=[row["loss"] for row in run.steps],
+        step_time_s=run.median("step_time_s"),
+        metrics=run.metrics,
         adapter=load_file(out / "adapter_model.safetensors"),
     )
 

@@ -229,6 +229,7 @@ class PeakMemoryMeter:
         self.device = torch.device(device)
         self.pin_malloc = pin_malloc
         self.malloc_pinned = False
+        self.mark_reset = False  # CPU: the kernel's high-water mark was reset at start
         self._start: tuple[int, int] | None = None
 
     def start(self) -> PeakMemoryMeter:
@@ -243,9 +244,10 @@ class PeakMemoryMeter:
             if self.pin_malloc:
                 self.malloc_pinned = _pin_glibc_mmap_threshold()
             resident = _reset_rss_high_water_mark() and _resident_bytes()
+            self.mark_reset = bool(resident)
             if resident:
                 rss, libraries = resident  # the mark was just reset to the current RSS
-                self._start = (rss - libraries, -1)
+                self._start = (rss - libraries, 0)
             else:
                 self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
         return self
@@ -262,7 +264,7 @@ class PeakMemoryMeter:
                 reserved=torch.cuda.max_memory_reserved(self.device) - base2,
                 exact=True,
             )
-        resident = _resident_bytes() if base2 == -1 else None  # -1: the mark was reset
+        resident = _resident_bytes() if self.mark_reset else None
         if resident:
             hwm, libraries = resident
             peak = hwm - libraries - base
