@@ -136,6 +136,8 @@ def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
         grid = Grid.load(REPO / "recipes" / "ablation" / f"{name}.yaml")
         assert len(set(grid.cells)) == len(grid.cells)
     assert len(Grid.load(REPO / "recipes" / "ablation" / "grid.yaml").cells) == 24
+    with pytest.raises(ConfigError, match="not found"):
+        Grid.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     for text, match in (
         ("model: ftkit:tiny-llama\ncells: [[4, fp32, peft, false]]\n", "MICROxACCUMULATION"),

@@ -113,6 +113,10 @@ class Grid:
 
     @classmethod
     def load(cls, path: str | Path) -> Grid:
+        if not Path(path).is_file():
+            raise ConfigError(
+                f"grid file {path} not found; the shipped grids are in recipes/ablation/"
+            )
         spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         factors = ("ga", "precision", "lora", "gc")
         if "cells" in spec:
