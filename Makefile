@@ -13,7 +13,9 @@ DDP_CPU_FLAGS := $(if $(HAS_GPU),,--mixed_precision no)
 DDP_CPU_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=true)
 RECIPE_ARGS ?=
 
-.PHONY: install demo test train train-ddp lint format compare-lora bench ablation estimate clean
+SHARED_ALPACA := ../shared/data/alpaca_5000.json
+
+.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench ablation estimate clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +32,9 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+test-fast: install  # the inner loop: everything but the subprocess/integration tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
 train: install
 	$(ACCELERATE) --config_file accelerate_configs/$(if $(HAS_GPU),single_gpu_fp16,cpu).yaml \
 		recipes/alpaca_lora.py $(RECIPE_ARGS)
@@ -39,17 +44,16 @@ train-ddp: install
 		recipes/alpaca_lora.py --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS)
 
 compare-lora: install
-	$(PY) recipes/compare_lora.py --output_dir outputs/lora-parity
+	$(PY) -m ftkit compare --output_dir outputs/lora-parity
 
 ablation: install
-	$(PY) recipes/ablation.py --output_dir outputs/ablation
+	$(PY) -m ftkit ablation --dataset $(SHARED_ALPACA) --output_dir outputs/ablation
 
 bench: install
-	$(PY) recipes/ablation.py --grid recipes/ablation/bench.yaml --output_dir outputs/bench \
-		--title "Speed benchmark: ratios from one run"
+	$(PY) -m ftkit bench --dataset $(SHARED_ALPACA) --output_dir outputs/bench
 
 estimate: install
-	$(PY) recipes/estimate_memory.py --paper
+	$(PY) -m ftkit estimate --paper
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,24 +1,27 @@
 """Recipes parse into the config objects; unknown or invalid fields fail with one clear message."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
-from ftkit.config import ConfigError, Recipe, parse_recipe, save_recipe
+from ftkit.config import (
+    RECIPES_DIR,
+    ConfigError,
+    Recipe,
+    parse_recipe,
+    save_recipe,
+    shipped_recipes,
+)
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
-TRAINING_RECIPES = [p for p in RECIPES if "ablation" not in p.parts and "grid" not in p.name]
+TRAINING_RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 
 
 def test_recipes_are_shipped():
-    names = {p.relative_to(p.parents[1]).as_posix() for p in TRAINING_RECIPES}
-    assert {"tiny/lora.yaml", "llama2-7b/lora.yaml", "bloom-1b7/lora.yaml"} <= names
+    assert {"tiny", "llama2-7b", "bloom-1b7"} <= set(shipped_recipes())
 
 
-@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
+@pytest.mark.parametrize("path", TRAINING_RECIPES, ids=lambda p: p.stem)
 def test_every_shipped_recipe_parses(path):
-    recipe = parse_recipe(["--config", str(path)])
+    recipe = parse_recipe(["--config", path.stem])
     values = yaml.safe_load(path.read_text())
     flat = recipe.to_dict()
     for key, value in values.items():
@@ -26,8 +29,8 @@ def test_every_shipped_recipe_parses(path):
 
 
 def test_hub_recipes_name_the_hub_models():
-    llama = parse_recipe(["--config", "recipes/llama2-7b/lora.yaml"])
-    bloom = parse_recipe(["--config", "recipes/bloom-1b7/lora.yaml"])
+    llama = parse_recipe(["--config", "llama2-7b"])
+    bloom = parse_recipe(["--config", str(RECIPES_DIR / "bloom-1b7.yaml")])  # a path works too
     assert llama.model.model_name_or_path == "meta-llama/Llama-2-7b-hf"
     assert llama.adapter.lora_target == ["q_proj", "v_proj"]
     assert bloom.model.model_name_or_path == "bigscience/bloom-1b7"

@@ -16,11 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ftkit import embedded
 from ftkit.config import parse_recipe
 from ftkit.errors import ConfigError
+from ftkit.modeling import resolve_model_path
 from ftkit.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_embedded_assets.py"
-DEFAULT_RECIPE = ROOT / "recipes" / "tiny" / "lora.yaml"
+DEFAULT_RECIPE = "tiny"  # the shipped default recipe
 
 
 def _load_build_script():
@@ -47,7 +48,7 @@ def tokenizer():
 
 def _materialise_into(home: Path, monkeypatch) -> Path:
     monkeypatch.setenv("FTKIT_HOME", str(home))
-    return Path(embedded.resolve_model_path("ftkit:tiny-llama"))
+    return Path(embedded.embedded_model_path("ftkit:tiny-llama"))
 
 
 def test_materialisation_is_deterministic_and_loadable(tmp_path, monkeypatch):
@@ -88,11 +89,11 @@ def test_materialisation_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch)
     assert json.loads((path / embedded.STAMP_FILE).read_text())["assets_sha256"] != "stale"
 
 
-def test_resolve_passes_through_and_rejects_unknown_names():
-    assert embedded.resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
-    assert embedded.resolve_model_path("/some/local/dir") == "/some/local/dir"
+def test_resolve_passes_through_and_rejects_unknown_names(tmp_path):
+    assert resolve_model_path("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path.resolve())
     with pytest.raises(ConfigError, match="ftkit:tiny-llama"):
-        embedded.resolve_model_path("ftkit:nope")
+        resolve_model_path("ftkit:nope")
 
 
 def test_tokenizer_behaves_like_llama_with_a_real_pad(tokenizer):

@@ -2,7 +2,6 @@
 
 import json
 import math
-import runpy
 import shutil
 import textwrap
 from dataclasses import dataclass
@@ -11,28 +10,26 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_bloom_config, tiny_llama_config
-from helpers import REPO, run_python, tiny_recipe, write_records
+from helpers import run_python, tiny_recipe, write_records
 from torch import nn
 from transformers import AutoModelForCausalLM, BloomForCausalLM, LlamaForCausalLM
 
+from ftkit.adapters import AdapterArgs, AdapterError, attach_adapter, load_base
+from ftkit.adapters import merge_and_export as merge_adapter
+from ftkit.cli import main as ftkit_main
 from ftkit.data import IGNORE_INDEX, tokenize_record
 from ftkit.errors import ConfigError, DataError
-from ftkit.inference import (
-    AdapterArgs,
-    EvalArgs,
+from ftkit.evaluate import EvalArgs, evaluate_before_after
+from ftkit.generate import (
     GenerationOptions,
     Prompt,
     PromptArgs,
-    attach_adapter,
-    evaluate_before_after,
     generate,
     generate_before_after,
-    load_base,
     load_prompts,
     read_prompts_file,
 )
-from ftkit.lora import AdapterError, LoraMergeError
-from ftkit.merge import merge_adapter
+from ftkit.lora import LoraMergeError
 from ftkit.modeling import load_tokenizer
 from ftkit.train import Trainer
 
@@ -359,8 +356,8 @@ def test_each_bad_input_is_one_clear_error(runs, wide_dirs, tmp_path):
 
 
 def script_main(name: str):
-    """A recipe script's ``main`` (as cli.py calls it): loaded by path, not run as __main__."""
-    return runpy.run_path(str(REPO / "recipes" / f"{name}.py"))["main"]
+    """The ``ftkit NAME`` subcommand, called in-process with an argv."""
+    return lambda argv: ftkit_main([name, *argv])
 
 
 def test_scripts_run_on_a_training_output_dir(runs, records, tmp_path, capsys):

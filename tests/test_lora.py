@@ -24,7 +24,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from ftkit import lora
+from ftkit import adapters, lora
+from ftkit.meter import parameter_counts, trainable_parameters_line
 from ftkit.modeling import keep_4bit_weights_trainable
 
 R, ALPHA, VOCAB, HIDDEN, LAYERS, HEADS = 4, 8, 64, 32, 2, 4
@@ -170,7 +171,7 @@ def test_trainable_count_is_closed_form_and_line_matches_peft(llama_dir, capsys)
     )
     capsys.readouterr()
     peft_model.print_trainable_parameters()
-    line = lora.trainable_parameters_line(ftkit_model)
+    line = trainable_parameters_line(*parameter_counts(ftkit_model))
     assert line == capsys.readouterr().out.strip()
     assert line.startswith(f"trainable params: {trainable:,d} || all params: ")
 
@@ -373,7 +374,9 @@ def test_peft_loads_ftkit_adapter_with_identical_logits(llama, llama_dir, ids, t
     )
     _randomise_adapters(llama)
     llama.eval()
-    out_dir = lora.save_adapter(llama, tmp_path / "adapter", base_model_name_or_path="tiny-llama")
+    out_dir = adapters.save_adapter(
+        llama, tmp_path / "adapter", base_model_name_or_path="tiny-llama"
+    )
     assert sorted(path.name for path in out_dir.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -404,7 +407,7 @@ def test_ftkit_loads_peft_adapter_with_identical_logits(llama_dir, ids, tmp_path
     peft_model.save_pretrained(tmp_path / "peft-adapter")
 
     model = LlamaForCausalLM.from_pretrained(llama_dir)
-    matched = lora.load_adapter(model, tmp_path / "peft-adapter")
+    matched = adapters.load_adapter(model, tmp_path / "peft-adapter")
     assert matched[0] == "model.embed_tokens" and len(matched) == 1 + 2 * LAYERS
     model.eval()
     assert torch.equal(_logits(model, ids), _logits(peft_model, ids))
@@ -419,11 +422,11 @@ _RELOAD_SCRIPT = textwrap.dedent(
     import sys, torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
-    from ftkit import lora
+    from ftkit import adapters, lora
 
     model_dir, adapter_dir, out_file = sys.argv[1:]
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    lora.load_adapter(model, adapter_dir)
+    adapters.load_adapter(model, adapter_dir)
     model.eval()
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -450,7 +453,7 @@ def _reload_in_fresh_process(model_dir, adapter_dir, out_file):
 def test_round_trip_in_a_fresh_process_is_bit_identical(llama, llama_dir, ids, tmp_path):
     lora.apply_lora(llama, r=R, alpha=ALPHA, dropout=0.0, use_rslora=True)
     _train(llama, ids, steps=2)
-    lora.save_adapter(llama, tmp_path / "adapter", base_model_name_or_path=str(llama_dir))
+    adapters.save_adapter(llama, tmp_path / "adapter", base_model_name_or_path=str(llama_dir))
     reloaded = _reload_in_fresh_process(llama_dir, tmp_path / "adapter", tmp_path / "out.st")
     assert torch.equal(reloaded.pop("logits"), _logits(llama, ids))
     saved = lora.lora_state_dict(llama)
@@ -471,7 +474,7 @@ def test_bloom_qv_only_leaves_k_untouched_and_round_trips(bloom, bloom_dir, ids,
         for part in (0, 2):  # q and v: changed in every head
             assert (delta[:, :, part].abs().amax(dim=(0, 2)) > 0).all(), name
 
-    out_dir = lora.save_adapter(bloom, tmp_path / "qv", base_model_name_or_path=str(bloom_dir))
+    out_dir = adapters.save_adapter(bloom, tmp_path / "qv", base_model_name_or_path=str(bloom_dir))
     assert not (out_dir / "adapter_config.json").exists()  # no PEFT loader takes it for its own
     config = json.loads((out_dir / "ftkit_adapter_config.json").read_text())
     assert (config["format"], config["bloom_qv_only"], config["r"]) == ("ftkit-lora", True, R)
@@ -559,52 +562,54 @@ def test_invalid_setting_injects_nothing(llama):
 
 def test_adapter_write_is_atomic(llama, tmp_path, monkeypatch):
     lora.apply_lora(llama, r=R, alpha=ALPHA, dropout=0.0)
-    out_dir = lora.save_adapter(llama, tmp_path / "adapter", base_model_name_or_path="x")
+    out_dir = adapters.save_adapter(llama, tmp_path / "adapter", base_model_name_or_path="x")
     original = {path.name: path.read_bytes() for path in out_dir.iterdir()}
-    real_save_file = lora.save_file
+    real_save_file = adapters.save_file
 
     def save_then_crash(*args, **kwargs):
         real_save_file(*args, **kwargs)
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora, "save_file", save_then_crash)
+    monkeypatch.setattr(adapters, "save_file", save_then_crash)
     _randomise_adapters(llama)
     for target in (tmp_path / "adapter", tmp_path / "fresh"):
         with pytest.raises(OSError, match="disk full"):
-            lora.save_adapter(llama, target, base_model_name_or_path="x")
+            adapters.save_adapter(llama, target, base_model_name_or_path="x")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
     assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == original
 
 
 def test_load_adapter_errors_name_the_path_and_the_fix(llama, tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(lora.AdapterError, match=f"{re.escape(str(missing))}.*does not exist"):
-        lora.load_adapter(llama, missing)
+    with pytest.raises(adapters.AdapterError, match=f"{re.escape(str(missing))}.*does not exist"):
+        adapters.load_adapter(llama, missing)
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(lora.AdapterError, match=r"neither adapter_config\.json nor"):
-        lora.load_adapter(llama, tmp_path / "empty")
+    with pytest.raises(adapters.AdapterError, match=r"neither adapter_config\.json nor"):
+        adapters.load_adapter(llama, tmp_path / "empty")
 
     other_base = LlamaForCausalLM(_llama_config(hidden=48))
     lora.apply_lora(other_base, r=R, alpha=ALPHA, dropout=0.0)
-    good = lora.save_adapter(other_base, tmp_path / "wide", base_model_name_or_path="wide-llama")
+    good = adapters.save_adapter(
+        other_base, tmp_path / "wide", base_model_name_or_path="wide-llama"
+    )
     with pytest.raises(
-        lora.AdapterError,
+        adapters.AdapterError,
         match=r"has shape \(.*48.*\) but this model needs \(.*32.*\).*another base",
     ):
-        lora.load_adapter(llama, good)
+        adapters.load_adapter(llama, good)
     assert next(lora.lora_layers(llama), None) is None
 
     no_weights = tmp_path / "no-weights"
     no_weights.mkdir()
     (no_weights / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
-    with pytest.raises(lora.AdapterError, match=r"adapter_model\.safetensors is missing"):
-        lora.load_adapter(llama, no_weights)
+    with pytest.raises(adapters.AdapterError, match=r"adapter_model\.safetensors is missing"):
+        adapters.load_adapter(llama, no_weights)
 
     config = json.loads((good / "adapter_config.json").read_text())
     (no_weights / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(lora.AdapterError, match=r"\['use_dora'\].*PeftModel.from_pretrained"):
-        lora.load_adapter(llama, no_weights)
+    with pytest.raises(adapters.AdapterError, match=r"\['use_dora'\].*PeftModel.from_pretrained"):
+        adapters.load_adapter(llama, no_weights)
 
 
 def test_importing_ftkit_lora_does_not_need_bitsandbytes():
@@ -613,7 +618,7 @@ def test_importing_ftkit_lora_does_not_need_bitsandbytes():
         import sys
         sys.modules["bitsandbytes"] = None  # any import of it now fails
         from torch import nn
-        from ftkit import lora
+        from ftkit import adapters, lora
         model = nn.Sequential(nn.Linear(4, 4))
         assert lora.apply_lora(model, r=2, alpha=2, dropout=0.0, target_modules=["0"]) == ["0"]
         lora.merge_lora(model)

@@ -15,16 +15,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from ftkit.memory import (
-    BLOOM_QV,
-    MemoryEstimate,
-    PeakMemory,
-    TrainingPlan,
-    estimate,
-    estimate_main,
-    tensor_bytes,
-)
-from ftkit.presets import PRESETS
+from ftkit.cli import main as ftkit_main
+from ftkit.lab.planner import BLOOM_QV, MemoryEstimate, TrainingPlan, estimate
+from ftkit.lab.presets import PRESETS
+from ftkit.meter import PeakMemory, tensor_bytes
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -249,21 +243,24 @@ def test_plan_validation():
 def test_unknown_preset_and_missing_dir_name_the_valid_choices(tmp_path, capsys):
     with pytest.raises(ValueError, match="llama2-7b, llama2-13b, bloom-1b7, bloom-7b1"):
         estimate("llama-9b", TrainingPlan())
-    assert estimate_main(["--model", str(tmp_path / "missing")]) == 2
+    assert ftkit_main(["estimate", "--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bloom-7b1" in err[0] and "missing" in err[0]
+    assert len(err) == 1 and err[0].startswith("ftkit error: ") and "bloom-7b1" in err[0]
+    assert "missing" in err[0]
 
 
 def test_cli_reads_a_local_config_dir_and_prints_categories(tmp_path, capsys):
     tiny_llama().save_pretrained(tmp_path)
     assert (
-        estimate_main(["--model", str(tmp_path), "--full", "--precision", "fp32", "--gpu", "T4"])
+        ftkit_main(
+            ["estimate", "--model", str(tmp_path), "--full", "--precision", "fp32", "--gpu", "T4"]
+        )
         == 0
     )
     out = capsys.readouterr().out
     for word in ("params", "grads", "optimizer", "activations", "overhead", "total", "T4"):
         assert word in out
-    assert estimate_main(["--paper"]) == 0
+    assert ftkit_main(["estimate", "--paper"]) == 0
     paper = capsys.readouterr().out
     assert paper.count("[cited]") == 6 and paper.count("source:") == 6
     for setting in ("fp16", "8bit", "4bit", "BLOOM-1b7"):
@@ -281,7 +278,7 @@ def test_peak_split_keeps_the_residual_non_negative():
 _CELL = r"""
 import json, sys
 import torch, transformers, peft
-from ftkit.memory import PeakMemoryMeter, tensor_bytes
+from ftkit.meter import PeakMemoryMeter, tensor_bytes
 meter = PeakMemoryMeter("cpu").start()
 cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
                                num_attention_heads=8, vocab_size=32000,
@@ -333,7 +330,7 @@ def test_estimate_is_a_frozen_record():
 _SPIKE_THEN_METER = r"""
 import json, mmap, sys
 import torch
-from ftkit.memory import PeakMemoryMeter
+from ftkit.meter import PeakMemoryMeter
 spike = torch.ones(64 * 2**20 // 4)  # 64 MiB before the meter starts, then freed
 del spike
 meter = PeakMemoryMeter("cpu").start()

@@ -166,9 +166,7 @@ def test_bf16_autocast_on_cpu_close_to_fp32(tiny_llama_dir, records, tmp_path):
 
 @pytest.mark.parametrize("impl", ["peft", "ftkit"])
 def test_lora_params_stay_fp32_on_half_base(tiny_llama_dir, impl):
-    model = load_base_model(
-        ModelConfig(model_name_or_path=str(tiny_llama_dir), model_dtype="bfloat16")
-    )
+    model = load_base_model(ModelConfig(model_name_or_path=str(tiny_llama_dir), model_dtype="bf16"))
     model = apply_adapter(model, AdapterConfig(lora_impl=impl), seed=0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [p for p in model.parameters() if not p.requires_grad]

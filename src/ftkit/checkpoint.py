@@ -1,4 +1,4 @@
-"""Checkpoints (``accelerator.save_state``) and final adapters, both written atomically.
+"""Checkpoints (``accelerator.save_state``), written atomically, and resuming from them.
 
 A checkpoint holds the trainable weights (the adapter, or everything for a full fine-tune), the
 optimizer, the scheduler, every process's RNG state and the data position; the frozen base is
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from safetensors.torch import load_file
 from ftkit.errors import FtkitError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-ADAPTER_COMMIT_FILE = "adapter_config.json"
-FTKIT_COMMIT_FILE = "ftkit_adapter_config.json"
 
 
 @dataclass
@@ -124,41 +121,3 @@ def resume(accelerator: Accelerator, output_dir: Path, which: str) -> Path:
             raise FtkitError(f"checkpoint not found: {path} (pass a checkpoint-N dir or 'latest')")
     accelerator.load_state(str(path))
     return path
-
-
-def save_adapter(model, output_dir: Path, *, impl: str, base_model_name_or_path: str) -> None:
-    """Write the adapter into ``output_dir`` so that a crash never leaves a valid-looking half.
-
-    Files are written to a scratch dir, the old commit file (adapter_config.json) is removed first,
-    weights are renamed in, and the config is renamed in last: a reader finds either no adapter or a
-    complete one. A full fine-tune (``impl='none'``) saves the whole model the same way.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".adapter-staging-", dir=output_dir) as tmp:
-        scratch = Path(tmp)
-        if impl == "ftkit":
-            from ftkit.lora import save_adapter as save_ftkit_adapter
-
-            save_ftkit_adapter(
-                model, scratch / "adapter", base_model_name_or_path=base_model_name_or_path
-            )
-            staged = scratch / "adapter"
-        else:
-            if impl == "peft":
-                model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
-            model.save_pretrained(scratch, safe_serialization=True)
-            staged = scratch
-        publish(staged, output_dir)
-
-
-def publish(staged: Path, target: Path) -> None:
-    """Rename every staged file into ``target``, the config files last."""
-    files = sorted(p for p in staged.iterdir() if p.is_file())
-    commit = [p for p in files if p.name.endswith("config.json")]
-    # Remove every adapter commit file first (PEFT's and ftkit's): a stale one of the other
-    # format must not survive next to new weights.
-    for name in (ADAPTER_COMMIT_FILE, FTKIT_COMMIT_FILE):
-        (target / name).unlink(missing_ok=True)
-    for path in [p for p in files if p not in commit] + commit:
-        os.replace(path, target / path.name)

@@ -1,13 +1,26 @@
-"""Entry points: one clear error line (exit 2) for user mistakes, tracebacks only for bugs."""
+"""The ``ftkit`` command: one subcommand per job, one ``ftkit error:`` line (exit 2) for bad input.
+
+    ftkit train [--config NAME|PATH] [--field value ...]   fine-tune (the recipe's flags)
+    ftkit generate | merge | evaluate                      use a trained adapter
+    ftkit estimate | compare | ablation | bench            the measurement lab
+
+Each subcommand imports what it needs only once its arguments are valid, so a bad flag fails
+fast, before torch, peft or bitsandbytes load. Tracebacks are kept for bugs.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
+from ftkit.config import ArgParser
 from ftkit.errors import FtkitError
+
+PROG = "ftkit"
 
 
 def setup_logging() -> None:
@@ -27,10 +40,253 @@ def setup_logging() -> None:
 
 
 def run_main(main: Callable[[], object]) -> int:
-    setup_logging()
+    """Run ``main``; a user mistake (``FtkitError``) becomes one line on stderr and exit code 2."""
     try:
+        setup_logging()
         main()
     except FtkitError as exc:
         print(f"ftkit error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+# -- core commands --------------------------------------------------------------------------------
+
+
+def train(argv: list[str]) -> None:
+    from ftkit.config import DEFAULT_RECIPE, parse_recipe
+
+    recipe = parse_recipe(argv, default_config=DEFAULT_RECIPE, prog=f"{PROG} train")
+    # Imported once the recipe is valid: a bad flag fails fast, before peft/bitsandbytes load.
+    from ftkit.train import train as run
+
+    run(recipe)
+
+
+@dataclass
+class ReportArgs:
+    compare_base: bool = field(
+        default=False, metadata={"help": "Also answer with the base model alone (before)."}
+    )
+    report: str | None = field(
+        default=None,
+        metadata={"help": "Write base vs fine-tuned answers as a Markdown table to this path."},
+    )
+
+
+def generate(argv: list[str]) -> None:
+    from ftkit.adapters import AdapterArgs
+    from ftkit.generate import GenerationOptions, PromptArgs, generate_before_after, load_prompts
+    from ftkit.io import atomic_write_text
+
+    parser = ArgParser((AdapterArgs, PromptArgs, GenerationOptions, ReportArgs), prog=_prog())
+    adapter_args, prompt_args, options, report_args = parser.parse_args_into_dataclasses(argv)
+    prompts = load_prompts(prompt_args)
+    compare_base = report_args.compare_base or report_args.report is not None
+    result = generate_before_after(adapter_args, prompts, options, compare_base)
+    print(result.console())
+    if report_args.report:
+        atomic_write_text(report_args.report, result.markdown())
+        print(f"before/after report written to {report_args.report}", file=sys.stderr)
+
+
+@dataclass
+class MergeOutputArgs:
+    output_dir: str = field(metadata={"help": "New dir for the merged model + tokenizer."})
+
+
+def merge(argv: list[str]) -> None:
+    from ftkit.adapters import AdapterArgs, merge_and_export
+
+    parser = ArgParser((AdapterArgs, MergeOutputArgs), prog=_prog())
+    adapter_args, output_args = parser.parse_args_into_dataclasses(argv)
+    result = merge_and_export(adapter_args, output_args.output_dir)
+    print(
+        f"merged model written to {result.output_dir} "
+        f"(max |logit difference| vs the adapter: {result.max_abs_logit_diff:.2e})"
+    )
+
+
+@dataclass
+class EvalOutputArgs:
+    output_json: str | None = field(default=None, metadata={"help": "Also write results here."})
+
+
+def evaluate(argv: list[str]) -> None:
+    import dataclasses
+
+    from ftkit.adapters import AdapterArgs
+    from ftkit.evaluate import EvalArgs, evaluate_before_after
+    from ftkit.io import atomic_write_json
+
+    parser = ArgParser((AdapterArgs, EvalArgs, EvalOutputArgs), prog=_prog())
+    adapter_args, eval_args, output_args = parser.parse_args_into_dataclasses(argv)
+    report = evaluate_before_after(adapter_args, eval_args)
+    print(report.table())
+    if output_args.output_json:
+        atomic_write_json(output_args.output_json, dataclasses.asdict(report))
+
+
+# -- the measurement lab --------------------------------------------------------------------------
+
+
+def estimate(argv: list[str]) -> None:
+    from ftkit.lab.planner import DEVICES, GPUS, STRATEGIES, TrainingPlan
+    from ftkit.lab.planner import estimate as plan_estimate
+
+    parser = ArgParser(prog=_prog(), description="Predict per-device training memory by category.")
+    parser.add_argument(
+        "--model", default="llama2-7b", help="preset name or a local directory with config.json"
+    )
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument(
+        "--lora_targets", default=None, help="comma-separated module names (BLOOM q/v rows only: "
+        "query_key_value:qv)"
+    )  # fmt: skip
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    parser.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--batch", type=int, default=1, help="micro-batch size per device")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--world_size", type=int, default=1)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
+    parser.add_argument("--device", choices=DEVICES, default="cuda")
+    parser.add_argument(
+        "--gpu", action="append", choices=list(GPUS), help="GPU to judge against (repeatable)"
+    )
+    parser.add_argument(
+        "--paper", action="store_true", help="the course's settings beside published figures"
+    )
+    args = parser.parse_args(argv)
+    if args.paper:
+        from ftkit.lab.cited import paper_report
+
+        print(paper_report())
+        return
+    plan = TrainingPlan(
+        lora_r=None if args.full else args.lora_r,
+        lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
+        lora_dropout=args.lora_dropout,
+        precision=args.precision,
+        quantization=None if args.quantization == "none" else args.quantization,
+        gradient_checkpointing=args.gradient_checkpointing,
+        micro_batch_size=args.batch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        seq_len=args.seq_len,
+        world_size=args.world_size,
+        strategy=args.strategy,
+        device=args.device,
+    )
+    result = plan_estimate(args.model, plan)
+    print(result.table())
+    for gpu in args.gpu or GPUS:
+        print("  " + str(result.verdict(gpu)))
+
+
+PARITY_ARGS = ["--max_steps", "20", "--lora_dropout", "0"]
+
+
+def compare(argv: list[str]) -> None:
+    parser = ArgParser(
+        prog=_prog(),
+        description="Train ftkit's and PEFT's LoRA on one recipe and seed; write a parity report. "
+        f"Other flags are recipe flags (default {' '.join(PARITY_ARGS)}); --lora_impl is set "
+        "per run.",
+    )
+    parser.add_argument("--output_dir", default="outputs/lora-parity")
+    parser.add_argument(
+        "--accelerate_config", default=None, help="accelerate config file (default: 1 process)"
+    )
+    args, recipe_args = parser.parse_known_args(argv)
+    recipe_args = PARITY_ARGS + recipe_args
+    from ftkit.config import DEFAULT_RECIPE, parse_recipe
+
+    # A bad recipe flag fails here, not in a subprocess.
+    parse_recipe(recipe_args, default_config=DEFAULT_RECIPE, prog=_prog())
+    from ftkit.lab.compare import compare_lora
+
+    figures = compare_lora(recipe_args, args.output_dir, args.accelerate_config)
+    print(
+        f"max |Δloss| {figures['max_abs_loss_diff']:.3e}, max |ΔW| "
+        f"{figures['max_abs_weight_diff']:.3e}, step time ftkit/PEFT "
+        f"{figures['step_time_ratio_own_over_peft']:.3f}; report in {args.output_dir}"
+    )
+
+
+def _grid_parser(grid: str, output_dir: str, title: str) -> argparse.ArgumentParser:
+    parser = ArgParser(prog=_prog(), description="Train every cell of a grid in its own process.")
+    parser.add_argument("--grid", default=grid, help="a shipped grid (quick, full, bench) or path")
+    parser.add_argument("--output_dir", default=output_dir)
+    parser.add_argument("--title", default=title)
+    parser.add_argument("--dataset", default=None, help="replace the grid's dataset (a path)")
+    parser.add_argument("--tokenizer", default=None, help="replace the grid's tokenizer (a dir)")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="cells run at once (>1 skews the timings, not memory)"
+    )
+    return parser
+
+
+def _run_grid(args) -> None:
+    from pathlib import Path
+
+    from ftkit.lab.ablation import Grid, run_grid
+
+    grid = Grid.load(args.grid, dataset=args.dataset, tokenizer=args.tokenizer)
+    run_grid(grid, args.output_dir, jobs=args.jobs, title=args.title)
+    print((Path(args.output_dir) / "ablation.md").read_text())
+
+
+def ablation(argv: list[str]) -> None:
+    parser = _grid_parser("full", "outputs/ablation", "What each technique buys: the ablation grid")
+    parser.add_argument("--quick", action="store_true", help="the small CI grid (--grid quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.grid = "quick"
+    _run_grid(args)
+
+
+def bench(argv: list[str]) -> None:
+    parser = _grid_parser("bench", "outputs/bench", "Speed benchmark: ratios from one run")
+    _run_grid(parser.parse_args(argv))
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "train": (train, "fine-tune with LoRA (recipe flags; --config NAME|PATH)"),
+    "generate": (generate, "generate with a trained adapter (and its base, before/after)"),
+    "merge": (merge, "merge an adapter into its base: a standalone model"),
+    "evaluate": (evaluate, "loss and perplexity, base vs fine-tuned, on held-out data"),
+    "estimate": (estimate, "predict training memory per device, and which GPUs hold it"),
+    "compare": (compare, "ftkit's own LoRA vs PEFT's on one recipe: a parity report"),
+    "ablation": (ablation, "what GA, bf16, LoRA and GC each buy: the ablation grid"),
+    "bench": (bench, "speed benchmark: ratios between cells of one run"),
+}
+_current: list[str] = []
+
+
+def _prog() -> str:
+    return " ".join([PROG, *_current])
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for each)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"ftkit error: unknown command {name!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr
+        )
+        return 2
+    _current[:] = [name]
+    return run_main(lambda: COMMANDS[name][0](rest))

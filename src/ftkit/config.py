@@ -22,7 +22,26 @@ from ftkit.errors import ConfigError
 EMBEDDED_MODEL = "ftkit:tiny-llama"
 EMBEDDED_DATASET = "ftkit:tiny-instructions"
 LORA_IMPLS = ("peft", "ftkit", "none")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+# The one precision vocabulary (recipes, planner, grid, metrics); Accelerate's and torch's
+# spellings are derived from it here and nowhere else.
+PRECISIONS = ("fp32", "bf16", "fp16")
+ACCELERATE_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped recipes: tiny, llama2-7b, ...
+DEFAULT_RECIPE = "tiny"
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a precision name (``fp32`` -> ``torch.float32``)."""
+    import torch
+
+    return getattr(torch, _TORCH_DTYPE_NAMES[precision])
+
+
+def precision_of_mixed_precision(mixed_precision: str) -> str:
+    """ftkit's name for an Accelerate ``mixed_precision`` value (``no`` -> ``fp32``)."""
+    by_accelerate = {value: name for name, value in ACCELERATE_MIXED_PRECISION.items()}
+    return by_accelerate[str(mixed_precision)]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -39,8 +58,8 @@ class ModelConfig:
         metadata={"help": "Hub id, local directory, or ftkit:tiny-llama (the embedded default)."},
     )
     model_dtype: str = field(
-        default="float32",
-        metadata={"help": f"dtype of the loaded base weights: {', '.join(MODEL_DTYPES)}."},
+        default="fp32",
+        metadata={"help": f"dtype of the loaded base weights: {', '.join(PRECISIONS)}."},
     )
     load_in_8bit: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit base."})
     load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes 4-bit NF4 base."})
@@ -50,8 +69,8 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(
-            self.model_dtype in MODEL_DTYPES,
-            f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES}",
+            self.model_dtype in PRECISIONS,
+            f"model_dtype={self.model_dtype!r} is not one of {PRECISIONS}",
         )
         _require(
             not (self.load_in_8bit and self.load_in_4bit),
@@ -196,10 +215,30 @@ def _check_known(keys, source: str) -> None:
             )
 
 
+class ArgParser(HfArgumentParser):
+    """``HfArgumentParser`` whose usage errors are a ``ConfigError``: one ``ftkit error:`` line."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe YAML path, or the name of a shipped recipe (``tiny``, ``llama2-7b``, ...)."""
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    return shipped if shipped.is_file() else Path(name_or_path)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path} (pass --config PATH.yaml, see recipes/)")
+        raise ConfigError(
+            f"recipe file not found: {path} (pass --config PATH.yaml or a shipped recipe: "
+            f"{', '.join(shipped_recipes())})"
+        )
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ConfigError(
@@ -208,29 +247,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def parse_recipe(argv: list[str] | None = None, default_config: str | Path | None = None) -> Recipe:
-    """``[--config X.yaml] [--field value ...]`` → Recipe; command-line values win over the YAML."""
+def parse_recipe(
+    argv: list[str] | None = None,
+    default_config: str | Path | None = None,
+    prog: str = "ftkit train",
+) -> Recipe:
+    """``[--config NAME|X.yaml] [--field value ...]`` → Recipe; the command line wins over YAML."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = default_config
+    config = default_config
     if "--config" in argv:
         at = argv.index("--config")
         if at + 1 >= len(argv):
-            raise ConfigError("--config needs a path to a recipe YAML")
-        config_path = argv[at + 1]
+            raise ConfigError("--config needs a recipe: a YAML path or a shipped recipe name")
+        config = argv[at + 1]
         del argv[at : at + 2]
+    config_path = recipe_path(config) if config else None
     yaml_values = load_yaml(config_path) if config_path else {}
     _check_known(yaml_values, str(config_path))
     _check_known([f for f in _flag_names(argv) if f != "help"], "the command line")
 
-    parser = HfArgumentParser(RECIPE_SECTIONS)
-    parser.allow_abbrev = False
+    parser = ArgParser(RECIPE_SECTIONS, prog=prog, allow_abbrev=False)
     parser.set_defaults(**yaml_values)
-    try:
-        sections = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except SystemExit as exc:  # argparse already printed why; keep one clear failure
-        if exc.code == 0:  # --help
-            raise
-        raise ConfigError(f"invalid command line: {' '.join(argv)}") from exc
+    sections = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     return Recipe(*sections)
 
 

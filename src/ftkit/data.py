@@ -37,7 +37,6 @@ class PromptTemplate:
 
     prompt_input: str
     prompt_no_input: str
-    response_split: str
 
     def format(self, instruction: str, input: str = "") -> str:
         if input:
@@ -51,7 +50,7 @@ def load_template(name: str = "alpaca") -> PromptTemplate:
     if not path.is_file():
         raise DataError(f"unknown prompt template {name!r}: no {path}")
     spec = json.loads(path.read_text(encoding="utf-8"))
-    return PromptTemplate(spec["prompt_input"], spec["prompt_no_input"], spec["response_split"])
+    return PromptTemplate(spec["prompt_input"], spec["prompt_no_input"])
 
 
 def resolve_dataset(dataset: str) -> str:

@@ -54,11 +54,9 @@ def embedded_dataset_path() -> Path:
     return ASSETS_DIR / "tiny_instructions.json"
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map ``ftkit:NAME`` to its materialised directory; any other string is returned unchanged."""
-    if not name_or_path.startswith(EMBEDDED_PREFIX):
-        return name_or_path
-    name = name_or_path[len(EMBEDDED_PREFIX) :]
+def embedded_model_path(name_or_path: str) -> str:
+    """The materialised directory of the embedded model ``ftkit:NAME``."""
+    name = name_or_path.removeprefix(EMBEDDED_PREFIX)
     if name not in EMBEDDED_MODELS:
         known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
         raise ConfigError(f"unknown embedded model {name_or_path!r}; embedded models: {known}")

@@ -1,4 +1,4 @@
-"""ftkit's own LoRA, numerically interchangeable with PEFT's so either can train, save or load.
+"""ftkit's own LoRA layers and their injection, numerically interchangeable with PEFT's.
 
 ``apply_lora`` wraps each targeted ``nn.Linear`` / ``nn.Embedding`` (bitsandbytes ``Linear8bitLt``
 and ``Linear4bit`` are ``nn.Linear`` subclasses, so they are covered without importing
@@ -10,35 +10,31 @@ seed gives bit-identical adapters and ``lora_state_dict`` uses PEFT's key names.
 Quantised bases: forward and training work, merging is refused (``LoraMergeError``).
 Dequantise -> merge -> requantise would add a second rounding error, so the merged model would no
 longer compute what was trained and ``unmerge`` could not restore the base. To export a merged
-model, load the base in full precision, ``load_adapter`` the saved adapter onto it, then
-``merge_lora`` / ``unload_lora`` there.
+model, load the base in full precision, load the saved adapter onto it
+(``ftkit.adapters``), then ``merge_lora`` / ``unload_lora`` there.
 
 BLOOM q/v-only (default for ``model_type == "bloom"``, ``bloom_qv_only=False`` for PEFT's
 whole-matrix LoRA): BLOOM fuses q, k and v in ``query_key_value`` with output rows laid out as
 ``[n_head, 3 (q, k, v), head_dim]``. The q/v-only layer's B has only the 2/3 of rows that hold q
 and v, and its output is scattered onto them with ``index_add``, so k never changes and every
-trainable parameter is real. PEFT cannot express that, so such adapters are saved as
-``ftkit_adapter_config.json`` (``"format": "ftkit-lora"``) + ``adapter_model.safetensors`` in
-PEFT key names; with no ``adapter_config.json`` no PEFT loader mistakes the directory for its own.
-Everything else is saved as a regular PEFT adapter that ``PeftModel.from_pretrained`` loads.
+trainable parameter is real. PEFT cannot express that, so ``ftkit.adapters`` saves such adapters
+in ftkit's own directory format; everything else as a regular PEFT adapter.
+
+This module knows modules, not directories: saving and loading adapters is ``ftkit.adapters``'.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftkit.errors import FtkitError
-from ftkit.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -47,37 +43,14 @@ INITS = ("kaiming", "gaussian")
 BLOOM_FUSED_QKV = "query_key_value"
 
 PEFT_KEY_PREFIX = "base_model.model."
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-FTKIT_CONFIG_NAME = "ftkit_adapter_config.json"
-FTKIT_FORMAT = "ftkit-lora"
-FTKIT_FORMAT_VERSION = 1
 
 # bitsandbytes parameter classes, recognised by name so that bitsandbytes stays optional.
 _QUANTISED_PARAM_TYPES = ("Int8Params", "Params4bit")
-# PEFT options that change which modules are adapted or how; ftkit implements none of them.
-_UNSUPPORTED_PEFT_OPTIONS = (
-    "use_dora",
-    "lora_bias",
-    "fan_in_fan_out",
-    "rank_pattern",
-    "alpha_pattern",
-    "modules_to_save",
-    "exclude_modules",
-    "layers_to_transform",
-    "layer_replication",
-    "trainable_token_indices",
-    "target_parameters",
-)
 _SETTINGS_ATTR = "ftkit_lora_settings"
 
 
 class LoraTargetError(FtkitError):
     """A LoRA target matches no module, or no default targets exist for the architecture."""
-
-
-class AdapterError(FtkitError):
-    """An adapter directory is missing, incomplete, unsupported or made for another base."""
 
 
 class LoraMergeError(FtkitError):
@@ -232,7 +205,7 @@ class LoraEmbedding(LoraLayer):
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """What a model's LoRA was built with; ``save_adapter`` writes it, ``load_adapter`` reads it."""
+    """What a model's LoRA was built with; an adapter directory records it."""
 
     r: int
     alpha: float
@@ -286,7 +259,7 @@ def apply_lora(
         init=init,
         bloom_qv_only=bloom_qv_only,
     )
-    return _inject(model, settings)
+    return inject(model, settings)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -316,7 +289,7 @@ def unmerge_lora(model: nn.Module) -> None:
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge, then put the base layers back in place of the wrappers: a plain exportable model."""
     merge_lora(model)
-    _remove_lora(model)
+    remove_lora(model)
     return model
 
 
@@ -327,88 +300,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for name, layer in lora_layers(model)
         for param_name, param in layer.adapter_named_parameters()
     }
-
-
-def trainable_parameters_line(model: nn.Module) -> str:
-    """PEFT's ``print_trainable_parameters`` line, counting packed 4-bit weights as PEFT does."""
-    trainable = total = 0
-    for _, param in model.named_parameters():
-        count = param.numel()
-        if type(param).__name__ == "Params4bit":  # two 4-bit values per stored byte
-            count *= 2 * param.element_size()
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return (
-        f"trainable params: {trainable:,d} || all params: {total:,d} || "
-        f"trainable%: {100 * trainable / total:.4f}"
-    )
-
-
-def save_adapter(model: nn.Module, out_dir, *, base_model_name_or_path: str) -> Path:
-    """Write the adapter atomically: PEFT format when PEFT can express it, else ftkit's."""
-    settings = _settings(model)
-    peft_expressible = all(
-        not isinstance(layer, LoraLinear) or layer.rows is None for _, layer in lora_layers(model)
-    )
-    if peft_expressible:
-        config_name = PEFT_CONFIG_NAME
-        config = {
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base_model_name_or_path,
-            "r": settings.r,
-            "lora_alpha": settings.alpha,
-            "lora_dropout": settings.dropout,
-            "target_modules": list(settings.target_modules),
-            "use_rslora": settings.use_rslora,
-            "init_lora_weights": True if settings.init == "kaiming" else settings.init,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-        }
-    else:
-        config_name = FTKIT_CONFIG_NAME
-        config = {
-            "format": FTKIT_FORMAT,
-            "format_version": FTKIT_FORMAT_VERSION,
-            "base_model_name_or_path": base_model_name_or_path,
-            **asdict(settings),
-        }
-    tensors = {key: tensor.contiguous() for key, tensor in lora_state_dict(model).items()}
-    with atomic_dir(out_dir) as scratch:
-        save_file(tensors, scratch / WEIGHTS_NAME, metadata={"format": "pt"})
-        (scratch / config_name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return Path(out_dir)
-
-
-def load_adapter(model: nn.Module, adapter_dir) -> list[str]:
-    """Inject LoRA as ``adapter_dir`` describes (ftkit or PEFT format) and load its weights.
-
-    On any error the model is left without LoRA, exactly as it was.
-    """
-    adapter_dir = Path(adapter_dir)
-    settings = _read_settings(adapter_dir)
-    weights_path = adapter_dir / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise AdapterError(
-            f"{weights_path} is missing; re-save the adapter with save_adapter() or "
-            "PeftModel.save_pretrained(..., safe_serialization=True)"
-        )
-    tensors = load_file(weights_path)
-    try:
-        matched = _inject(model, settings)
-    except LoraTargetError as err:
-        raise AdapterError(
-            f"adapter {adapter_dir} does not fit this model ({err}); load it onto the base model "
-            "it was trained on"
-        ) from err
-    try:
-        _copy_adapter_tensors(model, tensors, adapter_dir)
-    except AdapterError:
-        _remove_lora(model)
-        raise
-    return matched
 
 
 def match_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
@@ -426,7 +317,8 @@ def match_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
     return [name for name in adaptable if any(_matches(name, t) for t in target_modules)]
 
 
-def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
+def inject(model: nn.Module, settings: LoraSettings) -> list[str]:
+    """Wrap the modules ``settings`` targets, freeze everything else; all or nothing."""
     if next(lora_layers(model), None) is not None:
         raise ValueError("model already carries ftkit LoRA layers; unload_lora() it or start fresh")
     adaptable = _adaptable_modules(model)
@@ -438,7 +330,7 @@ def _inject(model: nn.Module, settings: LoraSettings) -> list[str]:
             wrapper.train(adaptable[name].training)  # an eval-mode model gets no adapter dropout
             setattr(model.get_submodule(parent_name), child_name, wrapper)
     except Exception:
-        _remove_lora(model)  # all or nothing: a bad setting must not leave half a LoRA behind
+        remove_lora(model)  # all or nothing: a bad setting must not leave half a LoRA behind
         raise
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
@@ -481,7 +373,7 @@ def _bloom_qv_rows(out_features: int, num_heads: int) -> torch.Tensor:
     return rows[:, [0, 2]].flatten()
 
 
-def _remove_lora(model: nn.Module) -> None:
+def remove_lora(model: nn.Module) -> None:
     """Put each wrapper's base layer back (as it is: merged or not) and forget the settings."""
     for name, layer in list(lora_layers(model)):
         parent_name, _, child_name = name.rpartition(".")
@@ -490,101 +382,10 @@ def _remove_lora(model: nn.Module) -> None:
         delattr(model, _SETTINGS_ATTR)
 
 
-def _copy_adapter_tensors(model: nn.Module, tensors: dict, adapter_dir: Path) -> None:
-    """Check every key and shape first, then copy, so a bad file changes nothing."""
-    destinations = {}
-    for name, layer in lora_layers(model):
-        for param_name, param in layer.adapter_named_parameters():
-            destinations[f"{PEFT_KEY_PREFIX}{name}.{param_name}"] = param
-    missing = sorted(destinations.keys() - tensors.keys())
-    # PEFT saves whole embedding base weights next to their LoRA (for resized vocabularies).
-    for name, layer in lora_layers(model):
-        key = f"{PEFT_KEY_PREFIX}{name}.base_layer.weight"
-        if key in tensors:
-            destinations[key] = layer.base_layer.weight
-    unexpected = sorted(tensors.keys() - destinations.keys())
-    if missing or unexpected:
-        raise AdapterError(
-            f"{adapter_dir / WEIGHTS_NAME} does not match the LoRA layers its config describes "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); re-save the adapter"
-        )
-    for key, tensor in tensors.items():
-        expected = destinations[key].shape
-        if tensor.shape != expected:
-            raise AdapterError(
-                f"{adapter_dir}: {key} has shape {tuple(tensor.shape)} but this model needs "
-                f"{tuple(expected)}; the adapter was made for another base model, load it onto "
-                "the base named in its config (base_model_name_or_path)"
-            )
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            destinations[key].copy_(tensor)
-
-
-def _read_settings(adapter_dir: Path) -> LoraSettings:
-    if not adapter_dir.is_dir():
-        raise AdapterError(
-            f"adapter directory {adapter_dir} does not exist; pass the directory written by "
-            "save_adapter() or PeftModel.save_pretrained()"
-        )
-    ftkit_config_path = adapter_dir / FTKIT_CONFIG_NAME
-    peft_config_path = adapter_dir / PEFT_CONFIG_NAME
-    if ftkit_config_path.is_file():
-        config = _read_json(ftkit_config_path)
-        names = [field.name for field in fields(LoraSettings)]
-        format_ok = config.get("format") == FTKIT_FORMAT
-        if not format_ok or config.get("format_version") != FTKIT_FORMAT_VERSION:
-            raise AdapterError(
-                f"{ftkit_config_path} is not an {FTKIT_FORMAT} v{FTKIT_FORMAT_VERSION} config; "
-                "re-save the adapter with this version of ftkit"
-            )
-        if missing := [name for name in names if name not in config]:
-            raise AdapterError(f"{ftkit_config_path} lacks {missing}; re-save the adapter")
-        values = {name: config[name] for name in names}
-        return LoraSettings(**{**values, "target_modules": tuple(values["target_modules"])})
-    if peft_config_path.is_file():
-        return _settings_from_peft(_read_json(peft_config_path), peft_config_path)
-    raise AdapterError(
-        f"{adapter_dir} holds neither {PEFT_CONFIG_NAME} nor {FTKIT_CONFIG_NAME}; pass the "
-        "directory written by save_adapter() or PeftModel.save_pretrained()"
-    )
-
-
-def _settings_from_peft(config: dict, path: Path) -> LoraSettings:
-    if config.get("peft_type") != "LORA" or "r" not in config or "lora_alpha" not in config:
-        raise AdapterError(f"{path} is not a PEFT LoRA config (peft_type LORA with r, lora_alpha)")
-    unsupported = [option for option in _UNSUPPORTED_PEFT_OPTIONS if config.get(option)]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if not isinstance(config.get("target_modules"), list):
-        unsupported.append("target_modules (regex or none)")
-    if unsupported:
-        raise AdapterError(
-            f"{path} uses PEFT options ftkit's LoRA does not implement: {unsupported}; "
-            "load it with peft.PeftModel.from_pretrained instead"
-        )
-    return LoraSettings(
-        r=config["r"],
-        alpha=config["lora_alpha"],
-        dropout=config.get("lora_dropout", 0.0),
-        target_modules=tuple(config["target_modules"]),
-        use_rslora=config.get("use_rslora", False),
-        init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
-        bloom_qv_only=False,
-    )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterError(f"cannot read {path}: {err}; re-save the adapter") from err
-
-
-def _settings(model: nn.Module) -> LoraSettings:
+def lora_settings(model: nn.Module) -> LoraSettings:
     settings = getattr(model, _SETTINGS_ATTR, None)
     if settings is None:
-        raise ValueError("model has no ftkit LoRA; call apply_lora() or load_adapter() first")
+        raise ValueError("model has no ftkit LoRA; call apply_lora() or load an adapter first")
     return settings
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ftkit.config import AdapterConfig, ModelConfig
+from ftkit.config import AdapterConfig, ModelConfig, torch_dtype
 from ftkit.data import ensure_pad_token
 from ftkit.errors import ConfigError, ModelError
 
@@ -19,11 +19,10 @@ logger = logging.getLogger(__name__)
 
 def resolve_model_path(name_or_path: str) -> str:
     """Embedded names → their materialised dir; local paths are checked; Hub ids pass through."""
-    from ftkit.embedded import EMBEDDED_PREFIX
-    from ftkit.embedded import resolve_model_path as resolve_embedded
+    from ftkit.embedded import EMBEDDED_PREFIX, embedded_model_path
 
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        return resolve_embedded(name_or_path)
+        return embedded_model_path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if Path(name_or_path).expanduser().exists():
         return str(Path(name_or_path).expanduser().resolve())
@@ -59,7 +58,7 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=getattr(torch, cfg.model_dtype),
+        bnb_4bit_compute_dtype=torch_dtype(cfg.model_dtype),
     )
 
 
@@ -67,7 +66,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
     """``AutoModelForCausalLM.from_pretrained`` with the requested dtype / quantisation / GC."""
     path = resolve_model_path(cfg.model_name_or_path)
     quant = quantization_config(cfg)
-    kwargs = {"dtype": getattr(torch, cfg.model_dtype)}
+    kwargs = {"dtype": torch_dtype(cfg.model_dtype)}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
@@ -106,7 +105,12 @@ def enable_gradient_checkpointing(model) -> None:
     even though the block inputs (frozen embeddings) do not require grad, so no input-grad hook
     is needed.
     """
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed the API (the old name warns); 4.x has only the old one.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_adapter(model, cfg: AdapterConfig, seed: int):

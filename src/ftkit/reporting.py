@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ftkit.io import atomic_write_json
+from ftkit.meter import trainable_parameters_line
 
 METRICS_STEPS = "metrics.jsonl"
 METRICS_FINAL = "metrics.json"
@@ -74,8 +75,7 @@ def summary(metrics: dict, output_dir: Path) -> str:
     lines = [
         "",
         "== ftkit run summary ==",
-        f"trainable params: {mem['trainable_params']:,d} || all params: {mem['total_params']:,d}"
-        f" || trainable%: {100 * mem['trainable_params'] / mem['total_params']:.4f}",
+        trainable_parameters_line(mem["trainable_params"], mem["total_params"]),
         f"steps: {metrics['steps']}  wall time: {metrics['wall_time_s']:.1f} s"
         f"  peak memory: {_mib(mem.get('peak_bytes'))} ({mem.get('peak_kind', 'n/a')})",
     ]

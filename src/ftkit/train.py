@@ -23,12 +23,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import checkpoint, reporting
-from ftkit.config import RESOLVED_CONFIG_NAME, Recipe, save_recipe
+from ftkit import adapters, checkpoint, reporting
+from ftkit.config import (
+    RESOLVED_CONFIG_NAME,
+    Recipe,
+    precision_of_mixed_precision,
+    save_recipe,
+)
 from ftkit.data import InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
-from ftkit.lora import trainable_parameters_line
-from ftkit.memory import PeakMemoryMeter, tensor_bytes
+from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainable_parameters_line
 from ftkit.metrics import example_losses, perplexity, supervised_tokens
 from ftkit.modeling import (
     build_model,
@@ -53,7 +57,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def make_accelerator(recipe: Recipe) -> Accelerator:
+def make_accelerator() -> Accelerator:
     precision = resolve_mixed_precision(
         requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
     )
@@ -73,7 +77,7 @@ class Trainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
         self.memory = PeakMemoryMeter().start()
-        self.accelerator = accelerator or make_accelerator(recipe)
+        self.accelerator = accelerator or make_accelerator()
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
         self.base_path = resolve_model_path(recipe.model.model_name_or_path)
@@ -240,7 +244,7 @@ class Trainer:
         )
         if acc.is_main_process:
             save_recipe(self.recipe, self.output_dir / RESOLVED_CONFIG_NAME)
-            logger.info(trainable_parameters_line(self.model))
+            logger.info(trainable_parameters_line(*parameter_counts(self.model)))
         before = self.evaluate()
         self.model.train()
         bar = tqdm(
@@ -314,7 +318,7 @@ class Trainer:
             else None
         )
         return {
-            "mixed_precision": self.accelerator.mixed_precision,
+            "precision": precision_of_mixed_precision(self.accelerator.mixed_precision),
             "model_dtype": self.recipe.model.model_dtype,
             "gradient_accumulation_steps": self.recipe.train.gradient_accumulation_steps,
             "gradient_checkpointing": self.recipe.model.gradient_checkpointing,
@@ -330,7 +334,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
-            checkpoint.save_adapter(
+            adapters.save_trained(
                 acc.unwrap_model(self.model),
                 self.output_dir,
                 impl=self.recipe.adapter.lora_impl,

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, BloomConfig, LlamaConfig, PretrainedConfig
 
+from ftkit.errors import ConfigError
+
 # meta-llama/Llama-2-{7b,13b}-hf config.json; Touvron et al. 2023 (arXiv:2307.09288), Table 1.
 # bigscience/bloom-{1b7,7b1} config.json; BigScience 2022 (arXiv:2211.05100), Table 1
 # (1.7B: 2048 hidden, 24 layers, 16 heads; 7.1B: 4096, 30, 32; vocabulary 250,880).
@@ -56,7 +58,7 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
 def preset_config(name: str) -> PretrainedConfig:
     """A fresh config object for a built-in preset; raises ``ValueError`` naming the valid ones."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     cls, values = PRESETS[name]
     config = cls(**values)
     config.name_or_path = name
@@ -70,7 +72,7 @@ def resolve_config(name_or_dir: str) -> PretrainedConfig:
     path = Path(name_or_dir)
     if (path / "config.json").is_file():
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    raise ValueError(
+    raise ConfigError(
         f"unknown model {name_or_dir!r}: not a preset ({', '.join(PRESETS)}) "
         "and not a local directory with a config.json"
     )

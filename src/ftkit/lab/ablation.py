@@ -1,8 +1,8 @@
 """The ablation grid: what gradient accumulation, mixed precision, LoRA and gradient
 checkpointing each buy, measured on one model, one set of records and a fixed number of steps.
 
-Every cell trains through ``accelerate launch recipes/alpaca_lora.py`` (the path users run) in a
-fresh process, so its peak memory starts clean (see :class:`ftkit.memory.PeakMemoryMeter`). Per
+Every cell trains through ``accelerate launch -m ftkit train`` (the path users run) in a fresh
+process, so its peak memory starts clean (see :class:`ftkit.meter.PeakMemoryMeter`). Per
 cell the report reads the run's ``metrics.json`` / ``metrics.jsonl`` beside the planner's
 prediction for the same setting, and writes Table 2 (one row per cell), Table 1 (↑ ↓ ≈ per
 technique and category, derived from pairs of cells that differ in that technique only) and two
@@ -26,20 +26,25 @@ from pathlib import Path
 import torch
 import yaml
 
-from ftkit.config import EMBEDDED_DATASET, Recipe
+from ftkit.config import (
+    ACCELERATE_MIXED_PRECISION,
+    EMBEDDED_DATASET,
+    PRECISIONS,
+    Recipe,
+    torch_dtype,
+)
+from ftkit.embedded import ASSETS_DIR
 from ftkit.errors import ConfigError, FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
-from ftkit.launch import launch_recipe
-from ftkit.memory import MIB, TrainingPlan, cpu_has_native_bf16, estimate
+from ftkit.lab.launch import launch_recipe, single_process_flags
+from ftkit.lab.planner import TrainingPlan, estimate
+from ftkit.meter import MIB, cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[2]
-EMBEDDED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny-llama"
-PRECISIONS = ("fp32", "bf16", "fp16")
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"  # shipped grids: quick, full, bench
+EMBEDDED_TOKENIZER = ASSETS_DIR / "tiny-llama"
 LORA_IMPLS = ("none", "ftkit", "peft")
-MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-HALF_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
 CATEGORIES = ("params", "grads", "optimizer", "activations")
 
 
@@ -90,17 +95,17 @@ class Cell:
     def base_dtype(self) -> str:
         """LoRA in half precision loads the frozen base in that dtype (adapters stay fp32); full
         fine-tuning in half precision is AMP over fp32 weights, as the planner assumes."""
-        return "float32" if self.lora == "none" else HALF_DTYPE.get(self.precision, "float32")
+        return "fp32" if self.lora == "none" else self.precision
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A grid file (``recipes/ablation/*.yaml``): the model, the data and the cells.
+    """A grid file (a shipped name, ``quick``/``full``/``bench``, or a path): model, data, cells.
 
     ``model`` is a mapping of LlamaConfig values (built with seed 0, vocabulary and special ids
     from ``tokenizer``) or a model name/path the recipe accepts (with its own tokenizer).
-    Relative paths are read from the repository root; a tokenizer or dataset path that is
-    missing falls back to the embedded one.
+    ``tokenizer`` and ``dataset`` are ``embedded`` / ``ftkit:tiny-instructions`` or paths,
+    relative to the current directory; a path that is missing is an error, never a substitute.
     """
 
     cells: tuple[Cell, ...]
@@ -112,12 +117,15 @@ class Grid:
     recipe: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: str | Path) -> Grid:
-        if not Path(path).is_file():
-            raise ConfigError(
-                f"grid file {path} not found; the shipped grids are in recipes/ablation/"
-            )
-        spec = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    def load(cls, path: str | Path, **overrides) -> Grid:
+        """Read a grid; ``overrides`` (e.g. ``dataset``) replace the file's values."""
+        shipped = GRIDS_DIR / f"{path}.yaml"
+        path = shipped if shipped.is_file() else Path(path)
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in GRIDS_DIR.glob("*.yaml")))
+            raise ConfigError(f"grid file {path} not found; pass a path or a shipped grid: {names}")
+        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        spec.update({key: value for key, value in overrides.items() if value is not None})
         factors = ("ga", "precision", "lora", "gc")
         if "cells" in spec:
             rows = spec.pop("cells")
@@ -156,14 +164,16 @@ class Setup:
     config: object  # the transformers config, for the planner
 
 
-def _local(path: str, fallback: Path | str, what: str) -> str:
+def _local(path: str, embedded: Path | str, what: str) -> str:
+    """The embedded file, or ``path`` (relative to the current directory) if it exists."""
     if path in ("embedded", EMBEDDED_DATASET):
-        return str(fallback)
-    full = REPO / path
-    if full.exists():
-        return str(full)
-    logger.warning("%s %s not found: using the embedded one", what, full)
-    return str(fallback)
+        return str(embedded)
+    if not Path(path).exists():
+        raise ConfigError(
+            f"grid {what} {path} not found (relative to {Path.cwd()}); pass --{what} PATH or "
+            "run from the directory the grid's paths are relative to"
+        )
+    return str(Path(path).resolve())
 
 
 def filling_records(records: list[dict], tokenizer, max_length: int, n: int):
@@ -218,11 +228,11 @@ def prepare(grid: Grid, out: Path) -> Setup:
         source = resolve_model_path(grid.model)
         tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    dirs = {"float32": out / "base" / "float32"}
-    model.save_pretrained(dirs["float32"])
-    for dtype in sorted({c.base_dtype for c in grid.cells} - {"float32"}):
+    dirs = {"fp32": out / "base" / "fp32"}
+    model.save_pretrained(dirs["fp32"])
+    for dtype in sorted({c.base_dtype for c in grid.cells} - {"fp32"}):
         dirs[dtype] = out / "base" / dtype  # what from_pretrained(dtype=...) makes of fp32
-        half = AutoModelForCausalLM.from_pretrained(dirs["float32"], dtype=getattr(torch, dtype))
+        half = AutoModelForCausalLM.from_pretrained(dirs["fp32"], dtype=torch_dtype(dtype))
         half.save_pretrained(dirs[dtype])
     for path in dirs.values():
         tokenizer.save_pretrained(path)
@@ -263,15 +273,9 @@ def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
 def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> dict:
     """Train one cell in a fresh ``accelerate launch`` process and return its Table 2 row."""
     run_dir = out / "cells" / cell.name
-    cuda = torch.cuda.is_available()
-    if cell.precision == "fp16" and not cuda:
+    if cell.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("fp16 cells need CUDA; on CPU use fp32 and bf16")
-    launch = [
-        "--config_file", str(REPO / "accelerate_configs" / ("single_gpu_fp16.yaml" if cuda else "cpu.yaml")),
-        "--mixed_precision", MIXED_PRECISION[cell.precision],
-    ]  # fmt: skip
-    if not cuda:
-        launch += ["--num_cpu_threads_per_process", str(threads)]
+    launch = single_process_flags(ACCELERATE_MIXED_PRECISION[cell.precision], threads)
     recipe = {
         **grid.recipe,
         "model_name_or_path": setup.model_dirs[cell.base_dtype],

@@ -1,7 +1,8 @@
-"""Run the training recipe as users do, in a fresh ``accelerate launch`` process.
+"""Run training as users do, in a fresh ``accelerate launch -m ftkit train`` process.
 
 Comparisons (own vs PEFT LoRA, the ablation grid) run every setting in its own process, so its
-peak memory starts clean and it goes through exactly the path users run.
+peak memory starts clean and it goes through exactly the path users run.  The installed package
+is launched as a module, so nothing here needs the repository checkout.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftkit.errors import FtkitError
+import torch
 
-RECIPE_SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "alpaca_lora.py"
+from ftkit.errors import FtkitError
+from ftkit.reporting import METRICS_FINAL, METRICS_STEPS
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,18 @@ class RecipeRun:
         return statistics.median(row[key] for row in self.steps[1:] or self.steps)
 
 
+def single_process_flags(mixed_precision: str = "no", threads: int | None = None) -> list[str]:
+    """``accelerate launch`` flags for one process on this machine, every value given explicitly
+    (no config file needed, and no "values were not passed" warning block)."""
+    flags = ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+    flags += ["--mixed_precision", mixed_precision]
+    if not torch.cuda.is_available():
+        flags.append("--cpu")
+        if threads:
+            flags += ["--num_cpu_threads_per_process", str(threads)]
+    return flags
+
+
 def launch_recipe(
     launch_args: list[str],
     recipe_args: list[str],
@@ -40,17 +54,17 @@ def launch_recipe(
     name: str,
     env: dict | None = None,
 ) -> RecipeRun:
-    """``accelerate launch LAUNCH_ARGS recipes/alpaca_lora.py RECIPE_ARGS --output_dir DIR``."""
+    """``accelerate launch LAUNCH_ARGS -m ftkit train RECIPE_ARGS --output_dir DIR``."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
-        str(RECIPE_SCRIPT), *recipe_args, "--output_dir", str(output_dir),
+        "-m", "ftkit", "train", *recipe_args, "--output_dir", str(output_dir),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise FtkitError(f"{name} failed:\n{done.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (output_dir / METRICS_STEPS).read_text().splitlines()]
     return RecipeRun(
         output_dir,
-        json.loads((output_dir / "metrics.json").read_text()),
+        json.loads((output_dir / METRICS_FINAL).read_text()),
         [row for row in rows if "loss" in row],
     )

@@ -1,285 +1,24 @@
-"""Memory figures you can trust: exact tensor accounting, a clean peak meter, and a planner.
+"""The memory planner: per-device training memory by category, before anything is loaded.
 
-Three pieces, meant to be compared with each other category by category:
-
-* :func:`tensor_bytes` counts what the parameters, gradients and optimizer state occupy, from
-  the tensors themselves.
-* :class:`PeakMemoryMeter` measures the peak of one training run (one fresh process per
-  setting); whatever the peak holds beyond the tensors above is the activation *residual*.
-* :func:`estimate` predicts the same categories from a config and a :class:`TrainingPlan`,
-  before anything is loaded, and :meth:`MemoryEstimate.verdict` says whether a named GPU
-  holds it and, if not, the cheapest change that would.
+:func:`estimate` predicts parameters, gradients, optimizer state, activations (per phase of a
+step) and runtime overhead from a config and a :class:`TrainingPlan`;
+:meth:`MemoryEstimate.verdict` says whether a named GPU holds it and, if not, the cheapest change
+that would.  The categories are the ones ``ftkit.meter`` measures, so each can be checked.
 """
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import dataclasses
 import math
-import os
-import resource
-import sys
 from dataclasses import dataclass, field
 
-import psutil
-import torch
 from transformers import PretrainedConfig
 
-from ftkit.presets import resolve_config
+from ftkit.config import PRECISIONS
+from ftkit.errors import ConfigError
+from ftkit.lab.presets import resolve_config
+from ftkit.meter import GIB, MIB, cpu_has_native_bf16
 
-KIB, MIB, GIB = 1024, 1024**2, 1024**3
-
-
-# --------------------------------------------------------------------------- measurement
-
-
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """Bytes held by the model's and the optimizer's own tensors, counted from the tensors.
-
-    ``grads`` is what backward allocates for the trainable parameters.  When no trainable
-    parameter holds a ``.grad`` (before the first backward, or after
-    ``zero_grad(set_to_none=True)``) it is the bytes the next backward *will* allocate
-    (trainable parameters x their dtype size) and ``grads_materialised`` is False; read it after
-    the last optimizer step and before ``zero_grad`` (or use ``set_to_none=False``) to get the
-    allocated figure.
-    """
-
-    params: int
-    grads: int
-    optimizer: int
-    trainable_params: int
-    total_params: int
-    grads_materialised: bool
-
-    def __post_init__(self):
-        if min(self.params, self.grads, self.optimizer, self.trainable_params) < 0:
-            raise ValueError("byte and parameter counts cannot be negative")
-        if self.trainable_params > self.total_params:
-            raise ValueError("more trainable than total parameters")
-
-    @property
-    def trainable_fraction(self) -> float:
-        return self.trainable_params / self.total_params if self.total_params else 0.0
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _unique(tensors):
-    """Each distinct tensor once: tied weights share a data pointer; meta tensors have none."""
-    seen = set()
-    for t in tensors:
-        key = (t.device, t.data_ptr(), t.numel(), t.dtype) if t.data_ptr() else id(t)
-        if key not in seen:
-            seen.add(key)
-            yield t
-
-
-def tensor_bytes(model: torch.nn.Module, optimizer=None) -> MemoryBreakdown:
-    """Exact parameter, gradient and optimizer-state bytes of ``model`` / ``optimizer``.
-
-    Parameters are counted at their own dtype and tied/shared tensors once.  Optimizer state is
-    every tensor in ``optimizer.state`` (AdamW: ``exp_avg``, ``exp_avg_sq`` and the 4-byte
-    ``step``).
-    """
-    params = list(_unique(model.parameters()))
-    trainable = [p for p in params if p.requires_grad]
-    grads = [p.grad for p in trainable if p.grad is not None]
-    if grads:
-        grad_bytes = sum(_nbytes(g) for g in _unique(grads))
-    else:
-        grad_bytes = sum(_nbytes(p) for p in trainable)
-    state = []
-    if optimizer is not None:
-        for per_param in optimizer.state.values():
-            state.extend(v for v in per_param.values() if torch.is_tensor(v))
-    return MemoryBreakdown(
-        params=sum(_nbytes(p) for p in params),
-        grads=grad_bytes,
-        optimizer=sum(_nbytes(t) for t in _unique(state)),
-        trainable_params=sum(p.numel() for p in trainable),
-        total_params=sum(p.numel() for p in params),
-        grads_materialised=bool(grads),
-    )
-
-
-@dataclass(frozen=True)
-class MeasuredMemory:
-    """A measured peak split into the planner's categories (activations are the residual)."""
-
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    peak: int
-
-
-@dataclass(frozen=True)
-class PeakMemory:
-    """One peak reading, in bytes above the meter's start.
-
-    ``reserved`` is the CUDA caching allocator's peak (None on CPU).  ``exact`` is False when a
-    CPU high-water mark never rose above the one the process already had at start, so ``peak``
-    is only an upper bound (see :class:`PeakMemoryMeter`).
-    """
-
-    device: str
-    peak: int
-    reserved: int | None
-    exact: bool
-
-    def split(self, tensors: MemoryBreakdown) -> MeasuredMemory:
-        """Activations = peak - params - grads - optimizer, clamped at 0.
-
-        This residual also holds every transient buffer alive at the peak (autocast weight
-        copies, loss-gradient buffers, allocator slack), which the planner models explicitly.
-        """
-        rest = self.peak - tensors.params - tensors.grads - tensors.optimizer
-        return MeasuredMemory(
-            tensors.params, tensors.grads, tensors.optimizer, max(rest, 0), self.peak
-        )
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter number
-
-
-def _pin_glibc_mmap_threshold(threshold: int = 64 * KIB) -> bool:
-    """Serve every allocation >= ``threshold`` by its own mmap, returned on free.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    activation-sized buffers come from the heap and freed ones stay resident: on a 106M-parameter
-    LLaMA that kept ~850 MB extra resident, 30 % of the peak, and no setting can be compared
-    under it.  Setting the threshold explicitly turns that adaptation off.
-    """
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
-_PROC_STATUS = "/proc/self/status"
-_PROC_CLEAR_REFS = "/proc/self/clear_refs"
-_PROC_SMAPS = "/proc/self/smaps"
-
-
-def _reset_rss_high_water_mark() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS; False where unsupported.
-
-    Linux (>= 4.0) resets it on ``echo 5 > /proc/self/clear_refs``.  Without a reset the
-    high-water mark includes every earlier spike of the process and, across ``exec``, the
-    resident set of the parent that spawned it (a test runner, a launcher), which can mask the
-    run's own peak entirely.
-    """
-    try:
-        with open(_PROC_CLEAR_REFS, "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _resident_bytes() -> tuple[int, int] | None:
-    """(peak RSS since the last reset, RSS of shared-library mappings now), from /proc.
-
-    Library pages are code (libtorch alone is ~0.5 GB of it) that the run faults in as it first
-    calls a kernel; how many become resident depends on the page cache, not on the run (20-30
-    MiB from one run to the next here), and no GPU allocator counts them.  Memory-mapped data
-    (safetensors weights) is not a library and stays counted.  None where there is no /proc.
-    """
-    try:
-        with open(_PROC_STATUS) as f:
-            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-        libraries, in_library = 0, False
-        with open(_PROC_SMAPS) as f:
-            for line in f:
-                head = line.split(maxsplit=6)
-                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
-                    path = head[5].strip() if len(head) > 5 else ""
-                    in_library = ".so" in path.rsplit("/", 1)[-1]
-                elif in_library and line.startswith("Rss:"):
-                    libraries += int(line.split()[1])
-    except (OSError, StopIteration):
-        return None
-    return hwm * KIB, libraries * KIB
-
-
-class PeakMemoryMeter:
-    """Peak memory of one run, started at the process baseline (after imports, before the model).
-
-    CUDA: ``max_memory_allocated`` / ``max_memory_reserved`` after ``reset_peak_memory_stats``.
-
-    CPU: the peak resident set above the one at ``start``, shared-library pages left out on both
-    sides (see :func:`_resident_bytes`).  ``start`` resets the kernel's high-water mark
-    (:func:`_reset_rss_high_water_mark`) so earlier spikes do not count.  Library pages only
-    grow, so the mark minus the library pages at ``read`` is low by at most the code first
-    touched after the peak.  Every grid setting still runs in its own process, so allocator
-    state left by another setting cannot leak into its figure.  ``start`` also pins glibc's
-    mmap threshold (see :func:`_pin_glibc_mmap_threshold`) so that RSS follows live tensors as
-    ``max_memory_allocated`` does on CUDA rather than what the allocator kept.
-    Without /proc (not Linux) it falls back to ``ru_maxrss`` minus the RSS at start, exact only
-    when the peak rose above the mark the process already had.
-    """
-
-    def __init__(self, device: str | torch.device | None = None, *, pin_malloc: bool = True):
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        self.pin_malloc = pin_malloc
-        self.malloc_pinned = False
-        self.mark_reset = False  # CPU: the kernel's high-water mark was reset at start
-        self._start: tuple[int, int] | None = None
-
-    def start(self) -> PeakMemoryMeter:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = (
-                torch.cuda.memory_allocated(self.device),
-                torch.cuda.memory_reserved(self.device),
-            )
-        else:
-            if self.pin_malloc:
-                self.malloc_pinned = _pin_glibc_mmap_threshold()
-            resident = _reset_rss_high_water_mark() and _resident_bytes()
-            self.mark_reset = bool(resident)
-            if resident:
-                rss, libraries = resident  # the mark was just reset to the current RSS
-                self._start = (rss - libraries, 0)
-            else:
-                self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
-        return self
-
-    def read(self) -> PeakMemory:
-        if self._start is None:
-            raise RuntimeError("PeakMemoryMeter.read() before start()")
-        base, base2 = self._start
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return PeakMemory(
-                device=str(self.device),
-                peak=torch.cuda.max_memory_allocated(self.device) - base,
-                reserved=torch.cuda.max_memory_reserved(self.device) - base2,
-                exact=True,
-            )
-        resident = _resident_bytes() if self.mark_reset else None
-        if resident:
-            hwm, libraries = resident
-            peak = hwm - libraries - base
-            return PeakMemory(device="cpu", peak=max(peak, 0), reserved=None, exact=True)
-        hwm = _ru_maxrss_bytes()
-        return PeakMemory(device="cpu", peak=max(hwm - base, 0), reserved=None, exact=hwm > base2)
-
-
-def _ru_maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB  # Linux reports KiB
-
-
-# --------------------------------------------------------------------------- planning inputs
-
-PRECISIONS = ("fp32", "fp16", "bf16")
 QUANTIZATIONS = (None, "8bit", "4bit")
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
 DEVICES = ("cuda", "cpu")
@@ -327,15 +66,15 @@ class TrainingPlan:
 
     def __post_init__(self):
         if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1 or None (full fine-tune), got {self.lora_r}")
+            raise ConfigError(f"lora_r must be >= 1 or None (full fine-tune), got {self.lora_r}")
         if self.lora_targets is not None:
             if self.lora_r is None:
-                raise ValueError("lora_targets needs lora_r")
+                raise ConfigError("lora_targets needs lora_r")
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
             if not self.lora_targets:
-                raise ValueError("lora_targets must name at least one module")
+                raise ConfigError("lora_targets must name at least one module")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name, value, valid in (
             ("precision", self.precision, PRECISIONS),
             ("quantization", self.quantization, QUANTIZATIONS),
@@ -343,12 +82,12 @@ class TrainingPlan:
             ("device", self.device, DEVICES),
         ):
             if value not in valid:
-                raise ValueError(f"{name} must be one of {valid}, got {value!r}")
+                raise ConfigError(f"{name} must be one of {valid}, got {value!r}")
         if self.quantization is not None and self.lora_r is None:
-            raise ValueError("quantized weights cannot be fully fine-tuned; set lora_r")
+            raise ConfigError("quantized weights cannot be fully fine-tuned; set lora_r")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "seq_len", "world_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def full(self) -> bool:
@@ -466,7 +205,7 @@ class _Arch:
                 4,
                 ("query_key_value",),
             )
-        raise ValueError(f"unsupported model_type {kind!r}; the planner knows llama and bloom")
+        raise ConfigError(f"unsupported model_type {kind!r}; the planner knows llama and bloom")
 
     def lora_shapes(self, targets: tuple[str, ...]) -> list[tuple[int, int]]:
         """(d_in, d_out) of each adapted linear in one block."""
@@ -479,7 +218,7 @@ class _Arch:
                 shapes.append((names[target].d_in, names[target].d_out))
             else:
                 valid = list(names) + ([BLOOM_QV] if self.kind == "bloom" else [])
-                raise ValueError(f"unknown LoRA target {target!r} for {self.kind}; valid: {valid}")
+                raise ConfigError(f"unknown LoRA target {target!r} for {self.kind}; valid: {valid}")
         return shapes
 
     @property
@@ -700,20 +439,6 @@ CUDA_CONTEXT, CUDA_ALLOCATOR_SLACK, NCCL_BUFFERS = 512 * MIB, 0.05, 256 * MIB
 CPU_RUNTIME, CPU_NATIVE_BF16_KERNELS = 6 * MIB, 10 * MIB
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX), as far as the CPU flags and
-    an ``ONEDNN_MAX_CPU_ISA`` cap tell."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if cap != "ALL" and "BF16" not in cap and "AMX" not in cap:
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _gib(n: float) -> str:
     return f"{n / GIB:7.2f} GiB"
 
@@ -799,7 +524,7 @@ def _gpu(gpu: str | GPU) -> GPU:
     for key, value in GPUS.items():
         if gpu.lower() in (key.lower(), value.name.lower()):
             return value
-    raise ValueError(f"unknown GPU {gpu!r}; valid: {', '.join(GPUS)}")
+    raise ConfigError(f"unknown GPU {gpu!r}; valid: {', '.join(GPUS)}")
 
 
 def _cheaper_plans(plan: TrainingPlan):
@@ -949,171 +674,3 @@ def estimate(
         phases=tuple(phases.items()),
         config=cfg,
     )
-
-
-# --------------------------------------------------------------------------- command line
-
-# Published figures printed by ``--paper`` beside the planner's own number for the same
-# quantity.  Each is (source, claim, plan-builder key); they are quoted, not measured here.
-_ANCHORS = (
-    (
-        "QLoRA, Dettmers et al. 2023 (arXiv:2305.14314), sec. 2",
-        "LLaMA-7B 4-bit base model: 5,048 MB",
-        "llama 4bit base",
-    ),
-    (
-        "PyTorch blog 'Finetune LLMs on your own consumer hardware' (pytorch.org/blog/finetune-llms)",
-        "Llama-2-7B weights: 28 GB in fp32, half that in fp16",
-        "llama weights",
-    ),
-    (
-        "same blog",
-        "full FT, mixed precision Adam: 16 bytes/param = 112 GB before activations",
-        "llama full static",
-    ),
-    ("same blog", "Llama-2-7B fine-tunes with LoRA on one T4 16GB", "llama lora t4"),
-    (
-        "huggingface/peft README (2023), A100 80GB",
-        "bloomz-7b1: full FT OOM; LoRA in plain PyTorch 32 GB",
-        "bloom7b",
-    ),
-    (
-        "BLOOM, BigScience 2022 (arXiv:2211.05100), Table 1",
-        "BLOOM-1.7B: 1,722 M parameters",
-        "bloom params",
-    ),
-)
-
-
-def _anchor_value(key: str) -> str:
-    if key == "llama 4bit base":
-        e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization="4bit"))
-        adapters = e.trainable_params * 4
-        return (
-            f"{(e.params - adapters) / 1e6:,.0f} MB (NF4 linears, fp16 embeddings/norms; "
-            f"+{2 * 2 * 32000 * 4096 / 1e6:,.0f} MB if prepare_model_for_kbit_training "
-            "upcasts them to fp32)"
-        )
-    if key == "llama weights":
-        full32 = estimate("llama2-7b", TrainingPlan(lora_r=None, precision="fp32"))
-        return f"{full32.params / 1e9:.1f} GB fp32, {full32.params / 2e9:.1f} GB fp16"
-    if key == "llama full static":
-        e = estimate("llama2-7b", TrainingPlan(lora_r=None, precision="fp16"))
-        static = e.params + e.grads + e.optimizer
-        return (
-            f"{static / e.total_params:.0f} bytes/param = {static / 1e9:.0f} GB "
-            f"(+{e.activations / 1e9:.0f} GB activations at 1 x 512)"
-        )
-    if key == "llama lora t4":
-        fp16, nf4 = (
-            estimate("llama2-7b", TrainingPlan(precision="fp16", quantization=q))
-            for q in (None, "4bit")
-        )
-        return f"fp16 base: {fp16.verdict('T4')}\n                  4-bit base: {nf4.verdict('T4')}"
-    if key == "bloom7b":
-        full = estimate("bloom-7b1", TrainingPlan(lora_r=None, precision="fp32"))
-        lora = estimate("bloom-7b1", TrainingPlan(precision="fp32", micro_batch_size=8, seq_len=64))
-        return (
-            f"full FT fp32 {'fits' if full.verdict('A100-80GB').fits else 'does not fit'} "
-            f"({full.total / 1e9:.0f} GB); LoRA fp32 {lora.total / 1e9:.0f} GB at 8 x 64 "
-            "(README does not state batch/length)"
-        )
-    e = estimate("bloom-1b7", TrainingPlan())
-    return (
-        f"{e.total_params / 1e6:,.0f} M parameters (LoRA adapters excluded: "
-        f"{(e.total_params - e.trainable_params) / 1e6:,.0f} M)"
-    )
-
-
-def _paper() -> str:
-    out = ["Llama-2-7B, LoRA r=8 on q/v, micro-batch 1 x 512, 2 x T4 with DDP (per device):"]
-    for quant in (None, "8bit", "4bit"):
-        e = estimate(
-            "llama2-7b",
-            TrainingPlan(precision="fp16", quantization=quant, world_size=2, strategy="ddp"),
-        )
-        label = quant or "fp16"
-        out.append(
-            f"  {label:<5} params {e.params / GIB:5.2f}  act {e.activations / GIB:5.2f}"
-            f"  -> {e.verdict('T4')}"
-        )
-    out.append("BLOOM-1b7, micro-batch 1 x 512, one T4:")
-    for name, plan in (
-        ("LoRA fp16", TrainingPlan(precision="fp16")),
-        ("full FT fp16 (AMP)", TrainingPlan(lora_r=None, precision="fp16")),
-    ):
-        e = estimate("bloom-1b7", plan)
-        out.append(f"  {name:<18} -> {e.verdict('T4')}")
-    out.append("Published figures (cited, not measured here) vs this planner:")
-    for source, claim, key in _ANCHORS:
-        out.append(
-            f"  [cited] {claim}\n          source: {source}\n          ftkit:  {_anchor_value(key)}"
-        )
-    return "\n".join(out)
-
-
-def estimate_main(argv: list[str] | None = None) -> int:
-    """``ftkit-estimate``: print the per-category estimate and the GPU verdicts."""
-    parser = argparse.ArgumentParser(prog="ftkit-estimate", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--model", default="llama2-7b", help="preset name or a local directory with config.json"
-    )
-    parser.add_argument("--lora_r", type=int, default=8)
-    parser.add_argument(
-        "--lora_targets",
-        default=None,
-        help=f"comma-separated module names (BLOOM q/v rows only: {BLOOM_QV})",
-    )
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    parser.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none")
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--batch", type=int, default=1, help="micro-batch size per device")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--world_size", type=int, default=1)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
-    parser.add_argument("--device", choices=DEVICES, default="cuda")
-    parser.add_argument(
-        "--gpu",
-        action="append",
-        choices=list(GPUS),
-        help="GPU to judge against (repeatable; default: all)",
-    )
-    parser.add_argument(
-        "--paper",
-        action="store_true",
-        help="verdicts for the course's settings beside published figures",
-    )
-    args = parser.parse_args(argv)
-    if args.paper:
-        print(_paper())
-        return 0
-    try:
-        plan = TrainingPlan(
-            lora_r=None if args.full else args.lora_r,
-            lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
-            lora_dropout=args.lora_dropout,
-            precision=args.precision,
-            quantization=None if args.quantization == "none" else args.quantization,
-            gradient_checkpointing=args.gradient_checkpointing,
-            micro_batch_size=args.batch,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            seq_len=args.seq_len,
-            world_size=args.world_size,
-            strategy=args.strategy,
-            device=args.device,
-        )
-        result = estimate(args.model, plan)
-    except ValueError as err:
-        print(f"ftkit-estimate: error: {err}", file=sys.stderr)
-        return 2
-    print(result.table())
-    for gpu in args.gpu or GPUS:
-        print("  " + str(result.verdict(gpu)))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(estimate_main())

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ftkit.adapters import WEIGHTS_NAME
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_text
-from ftkit.launch import launch_recipe
+from ftkit.lab.launch import launch_recipe, single_process_flags
 
 IMPLS = ("ftkit", "peft")
 
@@ -31,11 +32,11 @@ class ImplRun:
 
 
 def run_impl(
-    impl: str, recipe_args: list[str], output_dir: Path, accelerate_config: str
+    impl: str, recipe_args: list[str], output_dir: Path, accelerate_config: str | None
 ) -> ImplRun:
     out = output_dir / impl
     run = launch_recipe(
-        ["--config_file", accelerate_config],
+        ["--config_file", accelerate_config] if accelerate_config else single_process_flags(),
         [*recipe_args, "--lora_impl", impl],
         out,
         name=f"the {impl} run",
@@ -45,7 +46,7 @@ def run_impl(
         losses=[row["loss"] for row in run.steps],
         step_time_s=run.median("step_time_s"),
         metrics=run.metrics,
-        adapter=load_file(out / "adapter_model.safetensors"),
+        adapter=load_file(out / WEIGHTS_NAME),
     )
 
 
@@ -115,7 +116,9 @@ def plot(own: ImplRun, peft: ImplRun, path: Path) -> None:
     plt.close(fig)
 
 
-def compare_lora(recipe_args: list[str], output_dir: Path, accelerate_config: str) -> dict:
+def compare_lora(
+    recipe_args: list[str], output_dir: Path, accelerate_config: str | None = None
+) -> dict:
     """Train both implementations and write ``lora_parity.md`` / ``.png`` / ``.json``."""
     output_dir = Path(output_dir)
     own, peft = (run_impl(impl, recipe_args, output_dir, accelerate_config) for impl in IMPLS)
