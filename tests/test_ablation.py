@@ -35,6 +35,7 @@ def quick(tmp_path_factory, alpaca_path):
     return {cell_of(row): row for row in rows}, out
 
 
+@pytest.mark.slow
 def test_lora_cuts_grads_and_optimizer_to_the_closed_form_adapter_size(quick):
     rows, _ = quick
     grid = Grid.load(QUICK)
@@ -55,6 +56,7 @@ def test_lora_cuts_grads_and_optimizer_to_the_closed_form_adapter_size(quick):
         assert lora["peak_bytes"] < full["peak_bytes"]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_activation_memory(quick):
     rows, _ = quick
     without, with_gc = rows[cell()], rows[cell(gc=True)]
@@ -62,6 +64,7 @@ def test_gradient_checkpointing_lowers_activation_memory(quick):
     assert with_gc["params_bytes"] == without["params_bytes"]
 
 
+@pytest.mark.slow
 def test_bf16_lowers_activation_memory_and_halves_the_frozen_base(quick):
     rows, _ = quick
     fp32, bf16 = rows[cell()], rows[cell(precision="bf16")]
@@ -72,6 +75,7 @@ def test_bf16_lowers_activation_memory_and_halves_the_frozen_base(quick):
     assert bf16["params_bytes"] - adapters == (fp32["params_bytes"] - adapters) // 2
 
 
+@pytest.mark.slow
 def test_accumulation_keeps_per_micro_batch_memory_and_the_update(quick):
     rows, _ = quick
     big, accumulated, small = rows[cell()], rows[cell(ga="1x4")], rows[cell(ga="1x1")]
@@ -82,6 +86,7 @@ def test_accumulation_keeps_per_micro_batch_memory_and_the_update(quick):
     assert accumulated["train_loss"] == pytest.approx(big["train_loss"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_planner_is_exact_on_tensors_and_close_on_the_peak(quick):
     rows, _ = quick
     for row in rows.values():
@@ -92,6 +97,7 @@ def test_planner_is_exact_on_tensors_and_close_on_the_peak(quick):
         assert abs(row["planner_error"]) < 0.15, (row["cell"], row["planner_error"])
 
 
+@pytest.mark.slow
 def test_report_is_derived_from_the_cells(quick):
     rows, out = quick
     report = (out / "ablation.md").read_text()

@@ -130,6 +130,7 @@ def test_dataset_records(records, tokenizer, build_script):
     assert 0 < with_input < len(records)  # both Alpaca templates occur
 
 
+@pytest.mark.slow
 def test_build_script_reproduces_shipped_assets(tmp_path):
     subprocess.run([sys.executable, str(BUILD_SCRIPT), "--out", str(tmp_path)], check=True)
     shipped = sorted(

@@ -241,6 +241,7 @@ PLAIN_LOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_merged_model_equals_the_adapter_and_loads_without_ftkit_or_peft(runs, tmp_path):
     merged = {}
     for name in ("llama-peft", "bloom-ftkit"):

@@ -397,6 +397,7 @@ def test_peft_loads_ftkit_adapter_with_identical_logits(llama, llama_dir, ids, t
     assert torch.equal(_logits(peft_model, ids), _logits(llama, ids))
 
 
+@pytest.mark.slow
 def test_ftkit_loads_peft_adapter_with_identical_logits(llama_dir, ids, tmp_path):
     peft_model = peft.get_peft_model(
         LlamaForCausalLM.from_pretrained(llama_dir),
@@ -450,6 +451,7 @@ def _reload_in_fresh_process(model_dir, adapter_dir, out_file):
     return load_file(out_file)
 
 
+@pytest.mark.slow
 def test_round_trip_in_a_fresh_process_is_bit_identical(llama, llama_dir, ids, tmp_path):
     lora.apply_lora(llama, r=R, alpha=ALPHA, dropout=0.0, use_rslora=True)
     _train(llama, ids, steps=2)
@@ -612,6 +614,7 @@ def test_load_adapter_errors_name_the_path_and_the_fix(llama, tmp_path):
         adapters.load_adapter(llama, no_weights)
 
 
+@pytest.mark.slow
 def test_importing_ftkit_lora_does_not_need_bitsandbytes():
     script = textwrap.dedent(
         """

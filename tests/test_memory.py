@@ -297,6 +297,7 @@ print(json.dumps({"peak": reading.peak, "exact": reading.exact,
 """
 
 
+@pytest.mark.slow
 def test_fresh_processes_tell_full_fine_tuning_from_lora_apart():
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     procs = {
@@ -343,6 +344,7 @@ print(json.dumps({"peak": reading.peak, "exact": reading.exact}))
 """
 
 
+@pytest.mark.slow
 def test_cpu_meter_counts_the_runs_own_memory_only(tmp_path):
     # An earlier spike (and the parent's resident set, inherited across exec) sits in the
     # kernel's high-water mark, and library pages count in RSS: the meter resets the mark at

@@ -41,6 +41,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["peft", "ftkit"])
 def test_adapter_reloads_in_fresh_process_with_same_logits(tiny_llama_dir, records, tmp_path, impl):
     recipe = tiny_recipe(tiny_llama_dir, records, tmp_path / "out", lora_impl=impl, max_steps=3)
@@ -78,6 +79,7 @@ def test_overfitting_a_handful_of_records(tiny_llama_dir, records, tmp_path, imp
     assert last < 0.2 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_recipe_end_to_end_writes_every_artefact(tiny_llama_dir, records, tmp_path):
     out = tmp_path / "run"
     done = accelerate_launch(
@@ -128,6 +130,7 @@ def test_recipe_end_to_end_writes_every_artefact(tiny_llama_dir, records, tmp_pa
     assert "trainable params: 2,048 || all params:" in done.stderr + done.stdout
 
 
+@pytest.mark.slow
 def test_unknown_flag_is_one_clear_line(tmp_path):
     done = accelerate_launch("recipes/alpaca_lora.py", "--lerning_rate", "1")
     assert done.returncode != 0
@@ -192,6 +195,7 @@ def test_bloom_trains_with_either_lora(
     assert result.metrics["train_loss"] > 0 and result.metrics["steps"] == 3
 
 
+@pytest.mark.slow
 def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, tmp_path):
     """The `make train-ddp` path on CPU: 2 gloo processes, one log, one summary, one adapter.
 

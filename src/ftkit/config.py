@@ -221,6 +221,15 @@ class ArgParser(HfArgumentParser):
     def error(self, message: str):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
+    def parse_args_into_dataclasses(self, args=None, **kwargs):
+        """As HfArgumentParser's, but a flag no dataclass knows is a ConfigError, not ValueError."""
+        *sections, rest = super().parse_args_into_dataclasses(
+            args, return_remaining_strings=True, **kwargs
+        )
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return tuple(sections)
+
 
 def shipped_recipes() -> list[str]:
     return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
