@@ -23,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(HAS_GPU),,$(PY) -m pip install -q "$(TORCH_CPU_SPEC)")
-	$(PY) -m pip install -q -e ".[dev,quant]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,quant,deepspeed]"
 	touch $@
 
 demo: install
