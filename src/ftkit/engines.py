@@ -102,19 +102,25 @@ def zero_stage(accelerator: Accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def engine_name(accelerator: Accelerator) -> str:
+def _is_fsdp2(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def engine_name(accelerator: Accelerator, model=None) -> str:
     """``deepspeed``, ``fsdp``, ``ddp`` (several processes, plain data parallel) or ``none``."""
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         return "deepspeed"
-    if kind == DistributedType.FSDP:
+    if kind == DistributedType.FSDP or (model is not None and _is_fsdp2(model)):
         return "fsdp"
     return "ddp" if accelerator.num_processes > 1 else "none"
 
 
-def techniques(accelerator: Accelerator) -> dict:
-    """The engine entries of metrics.json ``techniques``."""
-    return {"engine": engine_name(accelerator), "zero_stage": zero_stage(accelerator)}
+def techniques(accelerator: Accelerator, model=None) -> dict:
+    """The engine entries of metrics.json ``techniques`` (``model``: the prepared one)."""
+    return {"engine": engine_name(accelerator, model), "zero_stage": zero_stage(accelerator)}
 
 
 def check_recipe(accelerator: Accelerator, recipe) -> None:

@@ -346,7 +346,7 @@ class Trainer:
             "quantization": quant,
             "world_size": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
-            **engines.techniques(self.accelerator),
+            **engines.techniques(self.accelerator, self.model),
             "device": str(self.accelerator.device),
         }
 
