@@ -181,6 +181,19 @@ def loss_factor(accelerator: Accelerator) -> int:
     return accelerator.num_processes * gas
 
 
+def clip_parameters(accelerator: Accelerator, model, trainable: list) -> list:
+    """The parameters to hand ``Accelerator.clip_grad_norm_`` so the norm is the global one.
+
+    Under Accelerate's FSDP it computes the global norm (FSDP1's ``model.clip_grad_norm_``, or
+    its DTensor-aware FSDP2 path) only when given exactly ``model.parameters()``; any other list
+    falls through to a plain torch clip, which for FSDP1 is each rank's own shard norm. Frozen
+    parameters have no gradient, so the norm is still the trainable one's. (GPU-only path.)
+    """
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return list(model.parameters())
+    return trainable
+
+
 # -- checkpoints and saving -----------------------------------------------------------------------
 
 

@@ -200,7 +200,8 @@ class Trainer:
         if self.recipe.train.max_grad_norm > 0:
             # Under DeepSpeed the engine clipped in its step; this returns its pre-clip norm.
             grad_norm = self.accelerator.clip_grad_norm_(
-                self.trainable, self.recipe.train.max_grad_norm
+                engines.clip_parameters(self.accelerator, self.model, self.trainable),
+                self.recipe.train.max_grad_norm,
             )
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:
