@@ -152,6 +152,13 @@ def test_deepspeed_two_processes_equal_one(tiny_llama_dir, records, tmp_path, ca
     if "zero3" in config:  # really partitioned, so the save below had to gather
         assert all(n == 0 for n in info["local_numel"])
 
+    # Parameter counts from ds_numel: no division by a ZeRO-3 total of 0.
+    memory = json.loads((tmp_path / "engine" / "metrics.json").read_text())["memory"]
+    single_memory = reference.memory_figures()
+    assert (memory["trainable_params"], memory["total_params"]) == (
+        single_memory["trainable_params"],
+        single_memory["total_params"],
+    )
     ours = adapter_tensors(tmp_path / "engine")
     theirs = adapter_tensors(tmp_path / "single")
     assert all(t.numel() > 0 for t in ours.values())
