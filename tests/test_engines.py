@@ -314,3 +314,23 @@ def test_fsdp2_two_processes_equal_one(tiny_llama_dir, records, tmp_path, impl):
     print(f"FSDP2 {impl} grad norms: {norms} single {single}")
     assert all(n > 0.05 for n in single)  # clipping active
     torch.testing.assert_close(norms, single, rtol=1e-5, atol=0)
+
+
+def test_trainer_refuses_full_fp16_finetune_before_loading(tiny_llama_dir, records, tmp_path):
+    """The Trainer checks the combination before the model loads (fp16 AMP needs CUDA: stubbed)."""
+    import contextlib
+    from types import SimpleNamespace
+    from unittest import mock
+
+    fake = SimpleNamespace(
+        mixed_precision="fp16",
+        main_process_first=contextlib.nullcontext,
+        distributed_type=None,
+        device=torch.device("cpu"),
+    )
+    recipe = tiny_recipe(
+        tiny_llama_dir, records, tmp_path, lora_impl="none", model_dtype="fp16", num_samples=4
+    )
+    never = mock.patch("ftkit.train.build_model", side_effect=AssertionError("model loaded"))
+    with never, pytest.raises(ConfigError, match="lora_impl none"):
+        Trainer(recipe, accelerator=fake)
