@@ -148,3 +148,70 @@ def test_default_recipe_cuts_eval_loss_by_a_fifth(tmp_path):
     assert recipe.model.model_name_or_path == "ftkit:tiny-llama"
     metrics = Trainer(recipe).fit().metrics
     assert metrics["eval_loss"] <= 0.8 * metrics["eval_loss_before"]
+
+
+def test_materialised_weights_do_not_depend_on_the_rank(tmp_path, monkeypatch):
+    """A non-zero rank (or node) building the cache still writes the weights.
+
+    transformers' save_pretrained skips the weights on any rank but 0 once a process group
+    exists; the builder must not depend on that.
+    """
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(embedded, "PRETRAIN_STEPS", 2)  # part of the digest: a distinct cache
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # As if a process group existed and this were rank 1.
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, main: False)
+    path = _materialise_into(tmp_path, monkeypatch)
+    assert (path / "model.safetensors").is_file()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    weights = load_file(path / "model.safetensors")
+    state = model.state_dict()
+    assert all(torch.equal(weights[k], state[k]) for k in weights)
+
+
+LAUNCHES = {
+    "ddp": (["--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"], "true"),
+    # ZeRO-3 init used to deadlock here: one rank building under zero.Init, one on the lock.
+    "zero3": (
+        ["--config_file", str(ROOT / "accelerate_configs" / "deepspeed_zero3_cpu.yaml")],
+        "false",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", sorted(LAUNCHES))
+def test_two_processes_on_a_fresh_home_cache_a_complete_base(tmp_path, engine):
+    """accelerate launch, 2 CPU processes, fresh FTKIT_HOME, rank 1 reaches the cache first."""
+    from helpers import accelerate_launch
+
+    if engine == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs deepspeed")
+    launch_args, use_cpu = LAUNCHES[engine]
+    home, markers = tmp_path / "home", tmp_path / "markers"
+    markers.mkdir()
+    done = accelerate_launch(
+        *launch_args,
+        str(ROOT / "tests" / "embedded_worker.py"),
+        str(markers),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "1",
+        "--validation_size",
+        "0",
+        timeout=300,
+        ACCELERATE_USE_CPU=use_cpu,
+        FTKIT_HOME=str(home),
+        OMP_NUM_THREADS="1",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in markers.iterdir()) == ["built-by-rank1"]  # built once
+    cache = home / "tiny-llama"
+    assert (cache / "model.safetensors").is_file() and (cache / embedded.STAMP_FILE).is_file()
+    assert AutoModelForCausalLM.from_pretrained(cache) is not None
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -70,9 +70,13 @@ class AdapterError(FtkitError):
 
 
 def _write_ftkit_lora(
-    model: torch.nn.Module, directory: Path, base_model_name_or_path: str
+    model: torch.nn.Module, directory: Path, base_model_name_or_path: str, state_dict=None
 ) -> None:
-    """Weights + config of ftkit's LoRA into ``directory``: PEFT's format when it can express it."""
+    """Weights + config of ftkit's LoRA into ``directory``: PEFT's format when it can express it.
+
+    ``state_dict`` (parameter name -> full tensor) replaces the parameters' own values, which
+    are partial under ZeRO-3/FSDP (see ``ftkit.engines.trainable_state``).
+    """
     settings = lora.lora_settings(model)
     peft_expressible = all(
         not isinstance(layer, lora.LoraLinear) or layer.rows is None
@@ -102,7 +106,8 @@ def _write_ftkit_lora(
             "base_model_name_or_path": base_model_name_or_path,
             **asdict(settings),
         }
-    tensors = {key: tensor.contiguous() for key, tensor in lora.lora_state_dict(model).items()}
+    tensors = lora.lora_state_dict(model, state_dict)
+    tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / config_name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -114,23 +119,28 @@ def save_adapter(model: torch.nn.Module, out_dir, *, base_model_name_or_path: st
     return Path(out_dir)
 
 
-def save_trained(model, output_dir: Path, *, impl: str, base_model_name_or_path: str) -> None:
+def save_trained(
+    model, output_dir: Path, *, impl: str, base_model_name_or_path: str, state_dict=None
+) -> None:
     """Write a run's trained weights into ``output_dir`` so a crash never leaves a valid-looking half.
 
     ``impl`` is the recipe's ``lora_impl``: ``peft`` and ``ftkit`` write an adapter, ``none`` (a
     full fine-tune) the whole model.  Files are staged in a scratch dir, the old commit files
     (both formats' configs) are removed first, weights are renamed in, and the configs last.
+    ``state_dict`` (trainable parameter names -> full tensors) is written instead of the
+    parameters' own values when those are sharded (ZeRO-3, FSDP: ``engines.trainable_state``).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".adapter-staging-", dir=output_dir) as tmp:
         staged = Path(tmp)
         if impl == "ftkit":
-            _write_ftkit_lora(model, staged, base_model_name_or_path)
+            _write_ftkit_lora(model, staged, base_model_name_or_path, state_dict)
         else:
             if impl == "peft":
                 model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
-            model.save_pretrained(staged, safe_serialization=True)
+            extra = {} if state_dict is None else {"state_dict": state_dict}
+            model.save_pretrained(staged, safe_serialization=True, **extra)
         _publish(staged, output_dir)
 
 

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from ftkit import engines
 from ftkit.errors import FtkitError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -55,7 +56,13 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def register_adapter_only_hooks(accelerator: Accelerator) -> None:
-    """Make save_state/load_state store only trainable weights, via Accelerate's own hooks."""
+    """Make save_state/load_state store only trainable weights, via Accelerate's own hooks.
+
+    Not under DeepSpeed/FSDP: there the engine writes the model itself and the hooks get no
+    weights; DeepSpeed leaves the frozen base out instead (``engines.save_state_kwargs``).
+    """
+    if engines.shards_model(accelerator):
+        return
 
     def save_trainable(models, weights, output_dir):
         for index, model in enumerate(models):
@@ -97,7 +104,9 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Pa
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(scratch), safe_serialization=True)
+    accelerator.save_state(
+        str(scratch), safe_serialization=True, **engines.save_state_kwargs(accelerator)
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -119,5 +128,5 @@ def resume(accelerator: Accelerator, output_dir: Path, which: str) -> Path:
         path = Path(which)
         if not path.is_dir():
             raise FtkitError(f"checkpoint not found: {path} (pass a checkpoint-N dir or 'latest')")
-    accelerator.load_state(str(path))
+    accelerator.load_state(str(path), **engines.load_state_kwargs(accelerator))
     return path

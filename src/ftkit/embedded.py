@@ -92,7 +92,22 @@ def _build(source: Path, out: Path) -> None:
         torch.manual_seed(MODEL_SEED)
         model = AutoModelForCausalLM.from_config(config)
         _pretrain(model, tokenizer)
-    model.save_pretrained(out)  # rewrites config.json in this transformers' own format
+    _save_weights_on_any_rank(model, out)
+
+
+def _save_weights_on_any_rank(model, out: Path) -> None:
+    """config.json (in this transformers' own format) and ``model.safetensors``, from any process.
+
+    ``save_pretrained`` writes weights only from global rank 0 once a process group exists, so a
+    cache built by another rank (or on another node, with its own ``FTKIT_HOME``) would be stamped
+    complete without them. Config files and the weights are therefore written directly.
+    """
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _pretrain(model, tokenizer) -> None:

@@ -293,10 +293,17 @@ def unload_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors under the keys ``peft.get_peft_model_state_dict`` gives for this model."""
+def lora_state_dict(model: nn.Module, values: dict | None = None) -> dict[str, torch.Tensor]:
+    """Adapter tensors under the keys ``peft.get_peft_model_state_dict`` gives for this model.
+
+    ``values`` (the model's parameter names -> tensors, e.g. gathered from ZeRO-3 partitions)
+    supplies the tensors instead of the parameters themselves.
+    """
+    names = {} if values is None else {id(p): n for n, p in model.named_parameters()}
     return {
-        f"{PEFT_KEY_PREFIX}{name}.{param_name}": param.detach()
+        f"{PEFT_KEY_PREFIX}{name}.{param_name}": (
+            param.detach() if values is None else values[names[id(param)]]
+        )
         for name, layer in lora_layers(model)
         for param_name, param in layer.adapter_named_parameters()
     }

@@ -191,3 +191,20 @@ def requested_mixed_precision() -> str:
 
 def cuda_capability():
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def check_precision_combination(recipe, mixed_precision: str) -> None:
+    """Refuse, before anything loads, a precision combination that fails on its first step.
+
+    A full fine-tune (``lora_impl none``) of an fp16 base under fp16 AMP has fp16 trainable
+    parameters, whose gradients the grad scaler refuses to unscale.
+    """
+    if (
+        recipe.adapter.lora_impl == "none"
+        and recipe.model.model_dtype == "fp16"
+        and str(mixed_precision) == "fp16"
+    ):
+        raise ConfigError(
+            "lora_impl none + model_dtype fp16 + fp16 mixed precision cannot train (the grad "
+            "scaler cannot unscale fp16 gradients): use model_dtype fp32 with fp16 AMP, or bf16"
+        )

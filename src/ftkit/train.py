@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, checkpoint, reporting
+from ftkit import adapters, checkpoint, engines, reporting
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
@@ -36,6 +36,7 @@ from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainab
 from ftkit.metrics import example_losses, perplexity, supervised_tokens
 from ftkit.modeling import (
     build_model,
+    check_precision_combination,
     cuda_capability,
     load_tokenizer,
     requested_mixed_precision,
@@ -61,14 +62,17 @@ def make_accelerator() -> Accelerator:
     precision = resolve_mixed_precision(
         requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
     )
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
+    engine = engines.requested_engine()  # DeepSpeed/FSDP asked for by the accelerate config
+    accelerator = Accelerator(
+        **engines.accelerator_kwargs(engine, torch.cuda.is_available()),
         mixed_precision=precision,
         # Accumulation is windowed in Trainer.backward_window (Accelerate's documented recipe for
         # per-token losses); accumulate() would miss the sync on a prefetched partial window.
         # Seeded per-epoch shuffling (set_epoch) makes a resumed run see the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    engines.check_engine(accelerator, engine)  # never silently another engine than asked for
+    return accelerator
 
 
 class Trainer:
@@ -76,27 +80,35 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
+        # First, before any process group exists: materialising the embedded base then needs no
+        # collective and writes complete weights from every rank and node (its own file lock).
+        self.base_path = resolve_model_path(recipe.model.model_name_or_path)
         self.memory = PeakMemoryMeter().start()
         self.accelerator = accelerator or make_accelerator()
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
-        self.base_path = resolve_model_path(recipe.model.model_name_or_path)
         self.tokenizer = load_tokenizer(self.base_path)
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
             )
+        check_precision_combination(recipe, self.accelerator.mixed_precision)
+        engines.check_recipe(self.accelerator, recipe)
         model = build_model(
             recipe.model, recipe.adapter, recipe.train.seed, device=self.accelerator.device
         )
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            self.trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
+            [p for p in model.parameters() if p.requires_grad],
+            lr=recipe.train.learning_rate,
+            weight_decay=recipe.train.weight_decay,
         )
         train_loader, eval_loader = self._loaders()
+        engines.configure_deepspeed(self.accelerator, recipe.train.max_grad_norm)
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
             model, optimizer, train_loader, eval_loader
         )
+        # After prepare: FSDP2 replaces every parameter, so clipping must see the prepared ones.
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.total_steps = self._total_steps()
         # Not prepared: Accelerate's wrapper would step it once per process; we step once per
         # optimizer step, and register it so save_state/load_state include it.
@@ -168,19 +180,28 @@ class Trainer:
         acc = self.accelerator
         window_tokens = acc.reduce(sum(supervised_tokens(b) for b in window), "sum")
         window_loss = torch.zeros((), device=acc.device)
-        for i, batch in enumerate(window):
-            last = i == len(window) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                outputs = self.model(**batch, num_items_in_batch=window_tokens)
-                acc.backward(outputs.loss * acc.num_processes)
-                window_loss += outputs.loss.detach()
+        factor = engines.loss_factor(acc)
+        try:
+            for i, batch in enumerate(window):
+                last = i == len(window) - 1
+                # DeepSpeed's backward steps the engine whenever sync_gradients is set (no_sync
+                # is a no-op for ZeRO >= 2): mark the window's end. Nothing else reads it here.
+                acc.sync_gradients = last
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                    outputs = self.model(**batch, num_items_in_batch=window_tokens)
+                    acc.backward(outputs.loss * factor)
+                    window_loss += outputs.loss.detach()
+        finally:
+            acc.sync_gradients = True
         return acc.reduce(window_loss, "sum")
 
     def optimizer_step(self) -> float | None:
         grad_norm = None
         if self.recipe.train.max_grad_norm > 0:
+            # Under DeepSpeed the engine clipped in its step; this returns its pre-clip norm.
             grad_norm = self.accelerator.clip_grad_norm_(
-                self.trainable, self.recipe.train.max_grad_norm
+                engines.clip_parameters(self.accelerator, self.model, self.trainable),
+                self.recipe.train.max_grad_norm,
             )
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:
@@ -326,6 +347,7 @@ class Trainer:
             "quantization": quant,
             "world_size": self.accelerator.num_processes,
             "distributed_type": str(self.accelerator.distributed_type),
+            **engines.techniques(self.accelerator, self.model),
             "device": str(self.accelerator.device),
         }
 
@@ -333,12 +355,14 @@ class Trainer:
         """Adapter (or full model) + tokenizer, written by the main process only, atomically."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        state = engines.trainable_state(acc, self.model)  # all ranks: a gather under ZeRO-3/FSDP
         if acc.is_main_process:
             adapters.save_trained(
                 acc.unwrap_model(self.model),
                 self.output_dir,
                 impl=self.recipe.adapter.lora_impl,
                 base_model_name_or_path=self.base_path,
+                state_dict=state,
             )
             self.tokenizer.save_pretrained(self.output_dir)
         acc.wait_for_everyone()
