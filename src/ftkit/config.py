@@ -169,7 +169,7 @@ class TrainConfig:
     report_to: str = field(
         default="none",
         metadata={
-            "help": "none, all, or Accelerate trackers (tensorboard, wandb, mlflow, ...), a,b."
+            "help": "none, all, or Accelerate trackers, comma-separated: tensorboard, wandb, ..."
         },
     )
     push_to_hub: bool = field(
@@ -180,7 +180,7 @@ class TrainConfig:
     )
     hub_private_repo: bool = field(
         default=False,
-        metadata={"help": "Create the Hub repo private (default: the Hub's default)."},
+        metadata={"help": "Create the Hub repo private (false: the Hub's default)."},
     )
 
     def __post_init__(self):
