@@ -85,6 +85,17 @@ def test_mean_of_micro_batch_means_would_differ(tiny_llama_dir, records, tmp_pat
     assert biggest > 1e-3
 
 
+def activation_checkpointing(model) -> bool:
+    """Whether GC is on in the transformers model under either LoRA (PEFT's forwards attributes).
+
+    transformers 5 renamed ``is_gradient_checkpointing`` (the old name warns); 4.x has only it.
+    """
+    inner = model.base_model
+    if hasattr(inner, "is_activation_checkpointing"):
+        return inner.is_activation_checkpointing
+    return inner.is_gradient_checkpointing
+
+
 @pytest.mark.parametrize("impl", ["peft", "ftkit"])
 @pytest.mark.parametrize("when", ["before-lora", "after-lora"])
 def test_gradient_checkpointing_same_loss_and_grads(tiny_llama_dir, records, tmp_path, impl, when):
@@ -105,6 +116,7 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_llama_dir, records, tmp
         model = apply_adapter(model, AdapterConfig(lora_impl=impl, lora_dropout=0.0), seed=0)
         if checkpointing and when == "after-lora":
             enable_gradient_checkpointing(model)
+        assert activation_checkpointing(model) == checkpointing
         model.train()
         # Proof that GC is really on, for either impl: a checkpointed block runs its forward
         # again during backward (the recompute), so the first block's MLP starts twice per step

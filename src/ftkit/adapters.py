@@ -380,7 +380,10 @@ def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
         if adapter.format == "peft":
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(loaded.model, adapter.path)
+            from ftkit.quiet import peft_calls
+
+            with peft_calls():
+                model = PeftModel.from_pretrained(loaded.model, adapter.path)
         else:
             load_adapter(loaded.model, adapter.path)
             model = loaded.model

@@ -7,6 +7,7 @@ reloaded from ``model_name_or_path`` instead of being copied into every checkpoi
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from safetensors.torch import load_file
 
 from ftkit import engines
 from ftkit.errors import FtkitError
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -113,6 +116,8 @@ def save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Pa
         os.replace(scratch, final)
         for old in checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
+        # One line per checkpoint: the CLI quiets Accelerate's own per-file INFO lines.
+        logger.info("checkpoint %d saved to %s", step, final)
     accelerator.wait_for_everyone()
     return final
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ftkit import quiet
 from ftkit.config import ArgParser
 from ftkit.errors import FtkitError
 
@@ -32,6 +33,8 @@ def setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet.quiet_accelerate_checkpoints()  # one ftkit line per checkpoint instead of seven
+    quiet.quiet_bitsandbytes(quantised=False)
     import datasets
     import transformers
 
@@ -57,6 +60,7 @@ def train(argv: list[str]) -> None:
     from ftkit.config import DEFAULT_RECIPE, parse_recipe
 
     recipe = parse_recipe(argv, default_config=DEFAULT_RECIPE, prog=f"{PROG} train")
+    quiet.quiet_bitsandbytes(quantised=recipe.model.load_in_8bit or recipe.model.load_in_4bit)
     # Imported once the recipe is valid: a bad flag fails fast, before peft/bitsandbytes load.
     from ftkit.train import train as run
 

@@ -150,7 +150,12 @@ class TrainConfig:
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler."})
     warmup_ratio: float = field(default=0.03)
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip grad norm; 0 disables."})
-    logging_steps: int = field(default=1)
+    logging_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Log every N optimizer steps and the last (metrics.jsonl, bar, trackers)."
+        },
+    )
     eval_steps: int = field(
         default=0, metadata={"help": "Evaluate every N steps (0 = at the end)."}
     )
@@ -158,6 +163,24 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata={"help": "Keep the last K checkpoints."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."}
+    )
+    # `none` by default: a run stays offline and needs nothing beyond the core install, and
+    # metrics.jsonl is written whatever this says; trackers are opt-in extras (ftkit[tensorboard]).
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "none, all, or Accelerate trackers, comma-separated: tensorboard, wandb, ..."
+        },
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload output_dir to the Hub (hub_model_id) at the end."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo for push_to_hub, e.g. user/tiny-llama-lora."}
+    )
+    hub_private_repo: bool = field(
+        default=False,
+        metadata={"help": "Create the Hub repo private (false: the Hub's default)."},
     )
 
     def __post_init__(self):
@@ -172,6 +195,15 @@ class TrainConfig:
         _require(self.learning_rate > 0, "learning_rate must be > 0")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
+        _require(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
+        if self.report_to != "none":
+            from ftkit.tracking import parse_report_to  # imports accelerate: only when asked
+
+            parse_report_to(self.report_to)
+        if self.push_to_hub or self.hub_model_id:
+            from ftkit.hub import check_hub_fields
+
+            check_hub_fields(self.push_to_hub, self.hub_model_id)
 
 
 RECIPE_SECTIONS = (ModelConfig, DataConfig, AdapterConfig, TrainConfig)

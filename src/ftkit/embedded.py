@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ PRETRAIN_STEPS = 200
 PRETRAIN_BATCH = 32
 PRETRAIN_LR = 3e-3
 STAMP_FILE = "ftkit_embedded.json"
+logger = logging.getLogger(__name__)
 _SHIPPED_FILES = (
     "config.json",
     "tokenizer.json",
@@ -73,6 +75,11 @@ def materialise(name: str) -> Path:
     # Several ranks of `accelerate launch` may get here at once; one builds, the others reuse it.
     with _file_lock(target.with_name(f".{name}.lock")):
         if _stamped_digest(target) != digest:
+            logger.info(
+                "materialising %s%s into %s: pretraining %d steps on the toy language "
+                "(seconds to a minute, once)",
+                EMBEDDED_PREFIX, name, target, PRETRAIN_STEPS,
+            )  # fmt: skip
             with atomic_dir(target) as scratch:
                 _build(source, scratch)
                 stamp = {"assets_sha256": digest, "seed": MODEL_SEED}

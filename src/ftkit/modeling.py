@@ -148,7 +148,10 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
         target_modules=list(targets),
         use_rslora=cfg.use_rslora,
     )
-    return get_peft_model(model, peft_config)
+    from ftkit.quiet import peft_calls
+
+    with peft_calls():
+        return get_peft_model(model, peft_config)
 
 
 def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int, device="cpu"):

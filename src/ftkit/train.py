@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, checkpoint, engines, reporting
+from ftkit import adapters, card, checkpoint, engines, hub, reporting, tracking
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
@@ -58,7 +58,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(**kwargs) -> Accelerator:
+    """The run's Accelerator; ``kwargs`` (e.g. ``log_with``, ``project_dir``) go to it as they are."""
     precision = resolve_mixed_precision(
         requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
     )
@@ -70,6 +71,7 @@ def make_accelerator() -> Accelerator:
         # per-token losses); accumulate() would miss the sync on a prefetched partial window.
         # Seeded per-epoch shuffling (set_epoch) makes a resumed run see the same batches.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **kwargs,
     )
     engines.check_engine(accelerator, engine)  # never silently another engine than asked for
     return accelerator
@@ -80,11 +82,14 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
-        # First, before any process group exists: materialising the embedded base then needs no
+        # Before anything loads: a missing tracker package or an impossible upload is one line now.
+        hub.check_can_push(recipe.train)
+        tracker_kwargs = tracking.accelerator_kwargs(recipe.train)
+        # Then, before any process group exists: materialising the embedded base needs no
         # collective and writes complete weights from every rank and node (its own file lock).
         self.base_path = resolve_model_path(recipe.model.model_name_or_path)
         self.memory = PeakMemoryMeter().start()
-        self.accelerator = accelerator or make_accelerator()
+        self.accelerator = accelerator or make_accelerator(**tracker_kwargs)
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
         self.tokenizer = load_tokenizer(self.base_path)
@@ -234,6 +239,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_s": real_tokens / elapsed,
             "step_time_s": elapsed,
+            "tokens": real_tokens,
         }
 
     # -- evaluation -----------------------------------------------------------------------------
@@ -274,22 +280,27 @@ class Trainer:
             disable=not acc.is_local_main_process,
             desc="train",
         )
+        # Every logging_steps steps, one row to metrics.jsonl, the bar and the trackers.
+        steps = tracking.StepLogger(acc, self.recipe, log, bar, self.total_steps)
+        steps.start()
+        steps.track(before, self.progress.step)
         start = time.perf_counter()
         for window in self.windows():
             row = self.train_step(window)
             step = row["step"]
-            log.event(**row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            steps.train_step(row)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
-                log.event(step=step, **self.evaluate())
+                steps.evaluation(step, self.evaluate())
             if cfg.save_steps and step % cfg.save_steps == 0:
                 checkpoint.save(acc, self.output_dir, step, cfg.save_total_limit)
             if step >= self.total_steps:
                 break
+        steps.flush()
         bar.close()
         wall_time = time.perf_counter() - start
         after = self.evaluate()
+        steps.track(after, self.progress.step)
         metrics = {
             "train_loss": log.last_loss,
             "eval_loss_before": before.get("eval_loss"),
@@ -306,8 +317,13 @@ class Trainer:
         self.save_artifacts()
         if acc.is_main_process:
             log.finish(metrics)
+            # After the weights: replaces the empty template README.md PEFT's save writes.
+            card.write_model_card(self.recipe, metrics, self.output_dir)
             print(reporting.summary(metrics, self.output_dir))
+            if cfg.push_to_hub:
+                hub.push(self.output_dir, cfg)
         acc.wait_for_everyone()
+        steps.end()
         return TrainResult(self.output_dir, metrics, log.history)
 
     def memory_figures(self) -> dict:
