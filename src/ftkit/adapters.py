@@ -47,10 +47,10 @@ BASE_LABEL, TUNED_LABEL = "base", "fine-tuned"  # the two models of a before/aft
 FTKIT_FORMAT = "ftkit-lora"
 FTKIT_FORMAT_VERSION = 1
 # PEFT options that change which modules are adapted or how; ftkit's LoRA implements none of them.
+# (fan_in_fan_out is not among them: PEFT sets it per layer from the layer type, as ftkit does.)
 _UNSUPPORTED_PEFT_OPTIONS = (
     "use_dora",
     "lora_bias",
-    "fan_in_fan_out",
     "rank_pattern",
     "alpha_pattern",
     "modules_to_save",
@@ -91,7 +91,10 @@ def _write_ftkit_lora(
             "use_rslora": settings.use_rslora,
             "init_lora_weights": True if settings.init == "kaiming" else settings.init,
             "bias": "none",
-            "fan_in_fan_out": False,
+            # PEFT's flag for Conv1D bases (GPT-2): their weight is (in, out).
+            "fan_in_fan_out": any(
+                getattr(layer, "fan_in_fan_out", False) for _, layer in lora.lora_layers(model)
+            ),
             "inference_mode": True,
         }
     else:

@@ -119,7 +119,10 @@ class AdapterConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names to adapt (default: the q/v projections of the model)."},
+        metadata={
+            "help": "Module names to adapt, or all-linear (default: PEFT's targets for the "
+            "architecture; q_proj v_proj on LLaMA, query_key_value on BLOOM)."
+        },
     )
     use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)."})
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
 
 from ftkit.config import AdapterConfig, ModelConfig, torch_dtype
 from ftkit.data import ensure_pad_token
@@ -139,8 +140,12 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
     from peft import LoraConfig, get_peft_model
 
     targets = lora.resolve_targets(model, targets)
-    logger.info("PEFT LoRA targets %s match: %s", list(targets), lora.match_targets(model, targets))
+    matched = lora.match_targets(model, targets)
+    logger.info("PEFT LoRA targets %s match: %s", list(targets), matched)
+    modules = dict(model.named_modules())
     peft_config = LoraConfig(
+        # Conv1D (GPT-2) stores its weight (in, out); PEFT would otherwise warn and flip it per layer.
+        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in matched),
         task_type="CAUSAL_LM",
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
