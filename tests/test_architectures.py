@@ -12,11 +12,14 @@ import torch
 from helpers import tiny_recipe, write_records
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
-from tiny_archs import embedded_tokenizer, save_tiny
+from tiny_archs import byte_tokenizer, embedded_tokenizer, save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from ftkit import adapters, lora
+from ftkit.adapters import AdapterArgs, attach_adapter, load_base, merge_and_export
+from ftkit.data import ADDED_PAD_TOKEN, ensure_pad_token
+from ftkit.modeling import fit_embeddings, load_tokenizer
 from ftkit.train import Trainer
 
 ARCHS = ("mistral", "qwen2", "gpt2", "phi", "opt")
@@ -37,6 +40,12 @@ def plain_dirs(tmp_path_factory):
         arch: save_tiny(arch, tmp_path_factory.mktemp(f"plain-{arch}"), embedded_tokenizer())
         for arch in ARCHS
     }
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """Every architecture with its family's tokenizer (Qwen2: chat template, no pad, no unk)."""
+    return {arch: save_tiny(arch, tmp_path_factory.mktemp(arch)) for arch in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +130,10 @@ def _train_and_reload(model_dir, dataset, out, impl, **overrides):
     tokenizer = AutoTokenizer.from_pretrained(out)
     probe = tokenizer("Name a colour.", return_tensors="pt")
     base_dir = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    reloaded = PeftModel.from_pretrained(_load(base_dir), out).eval()
-    if len(tokenizer) != reloaded.get_input_embeddings().num_embeddings:
-        pytest.fail("tokenizer and reloaded model disagree on the vocabulary")
+    base = _load(base_dir)
+    fit_embeddings(base, tokenizer)  # a no-op unless the run added a pad token
+    reloaded = PeftModel.from_pretrained(base, out).eval()
+    assert len(tokenizer) == reloaded.get_input_embeddings().num_embeddings
     with torch.no_grad():
         assert torch.equal(reloaded(**probe).logits, trained(**probe).logits)
     return result, trainer
@@ -131,5 +141,60 @@ def _train_and_reload(model_dir, dataset, out, impl, **overrides):
 
 @pytest.mark.parametrize("impl", ["peft", "ftkit"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_architecture_trains_with_no_target_flag(plain_dirs, records, tmp_path, arch, impl):
-    _train_and_reload(plain_dirs[arch], records, tmp_path, impl)
+def test_each_architecture_trains_with_no_target_flag(dirs, records, tmp_path, arch, impl):
+    _train_and_reload(dirs[arch], records, tmp_path, impl)
+
+
+# -- pad policy -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "family, pad, grows",
+    [
+        ("qwen", "<|endoftext|>", False),  # reserved, not EOS (<|im_end|> is)
+        ("llama3", "<|finetune_right_pad_id|>", False),
+        ("gpt2", ADDED_PAD_TOKEN, True),  # <|endoftext|> is EOS and unk: nothing to reuse
+    ],
+)
+def test_pad_policy_never_pads_with_eos(family, pad, grows):
+    tokenizer = byte_tokenizer(family)
+    n = len(tokenizer)
+    ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == pad and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer) == n + grows
+
+
+def test_a_pad_named_like_eos_is_replaced():
+    tokenizer = byte_tokenizer("qwen")
+    tokenizer.pad_token = tokenizer.eos_token  # how many Hub tokenizers ship
+    assert ensure_pad_token(tokenizer).pad_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("arch, grows", [("gpt2", True), ("qwen2", False), ("phi", False)])
+def test_pad_policy_round_trips_through_save_load_and_merge(dirs, records, tmp_path, arch, grows):
+    """Added pad (GPT-2: embeddings resized, new row the mean) or reserved pad (Qwen2, Phi)."""
+    out = tmp_path / "run"
+    _, trainer = _train_and_reload(dirs[arch], records, out, "ftkit")
+    trained = trainer.accelerator.unwrap_model(trainer.model).eval()
+    tokenizer = trainer.tokenizer
+    base_rows = _load(dirs[arch]).get_input_embeddings().num_embeddings
+    assert (len(tokenizer) == base_rows + 1) is grows
+    embeddings = trained.get_input_embeddings().weight
+    if grows:
+        assert torch.equal(embeddings[-1], embeddings[:-1].mean(dim=0))
+    probe = tokenizer(["Name a colour.", "Hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = trained(**probe).logits
+    loaded = load_base(AdapterArgs(str(out)), device="cpu")
+    assert loaded.tokenizer.pad_token == tokenizer.pad_token
+    with torch.no_grad():
+        assert torch.equal(attach_adapter(loaded)(**probe).logits, expected)
+    merged_dir = merge_and_export(AdapterArgs(str(out)), tmp_path / "merged").output_dir
+    merged = _load(merged_dir)
+    merged_tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert merged_tokenizer.pad_token == tokenizer.pad_token
+    assert merged.get_input_embeddings().num_embeddings == len(merged_tokenizer)
+    assert merged.config.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():
+        assert torch.allclose(merged(**probe).logits, expected, atol=1e-5)
+    assert load_tokenizer(str(merged_dir)).pad_token == tokenizer.pad_token

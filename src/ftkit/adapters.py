@@ -359,10 +359,12 @@ def load_base(args: AdapterArgs, device: torch.device | str | None = None) -> Lo
     """Read the adapter dir (cheap checks first), then load its base and tokenizer."""
     adapter = Adapter.read(args.adapter_dir)
     base = adapter.base_for(args.base_model)
-    model = load_base_model(ModelConfig(model_name_or_path=base, model_dtype=args.dtype))
+    tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
+    # The run's tokenizer may hold an added pad token: fit_embeddings rebuilds training's rows.
+    config = ModelConfig(model_name_or_path=base, model_dtype=args.dtype)
+    model = load_base_model(config, tokenizer=tokenizer)
     model.config.use_cache = True  # load_base_model turns it off for training
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
     return LoadedBase(model, tokenizer, adapter, base)
 
 

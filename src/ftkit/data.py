@@ -155,17 +155,72 @@ def tokenize_record(
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+ADDED_PAD_TOKEN = "<|pad|>"  # added (and the embeddings resized) only when nothing else fits
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Give LLaMA-2's tokenizer (no pad token) a pad id distinct from EOS without resizing.
+    """Give the tokenizer a pad id distinct from EOS; never pad with EOS.
 
     Padding with EOS would make the collator's attention mask and any pad-based masking swallow the
-    real EOS; ``<unk>`` is never produced for text the model sees, so it is a safe pad.
+    real EOS, and the model would never learn to stop. In order:
+
+    1. a pad token that is not EOS is kept;
+    2. ``<unk>`` (LLaMA-2, Mistral): never produced for text the model sees, no resize needed;
+    3. a reserved special token of the vocabulary (``pad_token_candidates``: a token named like a
+       pad, e.g. Llama-3.1's ``<|finetune_right_pad_id|>``; Qwen's ``<|endoftext|>`` when it is
+       not EOS; Llama-3's ``<|reserved_special_token_N|>``), no resize needed;
+    4. otherwise ``<|pad|>`` is added: the tokenizer grows by one and
+       ``ftkit.modeling.fit_embeddings`` resizes the model to match (new row = mean of the others).
     """
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        if tokenizer.unk_token_id is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
-            raise DataError("tokenizer has no pad token and no <unk> to pad with; add a pad token")
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return tokenizer
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
         tokenizer.pad_token = tokenizer.unk_token
+        return tokenizer
+    candidates = pad_token_candidates(tokenizer)
+    if candidates:
+        tokenizer.pad_token = candidates[0]
+        logger.info("padding with the tokenizer's reserved special token %s", candidates[0])
+        return tokenizer
+    tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
+    logger.warning(
+        "the tokenizer has no pad, no <unk> and no reserved special token: added %s (id %d); the "
+        "model's embeddings are resized to %d rows, the new one the mean of the others",
+        ADDED_PAD_TOKEN,
+        tokenizer.pad_token_id,
+        len(tokenizer),
+    )
     return tokenizer
+
+
+def pad_token_candidates(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Special tokens already in the vocabulary that nothing else uses, best pad first.
+
+    EOS, BOS and every token the chat template writes (``<|im_end|>``, ``<|eot_id|>``...) are
+    excluded: padding with a token the model must learn to produce or read would teach it wrong.
+    """
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    used = {tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token}
+    special = [
+        (index, token.content)
+        for index, token in sorted(tokenizer.added_tokens_decoder.items())
+        if token.special and token.content not in used and token.content not in template
+    ]
+
+    def rank(item):
+        index, content = item
+        name = content.lower()
+        if "pad" in name:
+            return (0, index)
+        if content == "<|endoftext|>":
+            return (1, index)
+        if "reserved" in name:
+            return (2, index)
+        return None
+
+    ranked = sorted((rank(item), item[1]) for item in special if rank(item) is not None)
+    return [content for _, content in ranked]
 
 
 @dataclass

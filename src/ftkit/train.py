@@ -87,7 +87,11 @@ class Trainer:
                 recipe.data, self.tokenizer, recipe.train.seed
             )
         model = build_model(
-            recipe.model, recipe.adapter, recipe.train.seed, device=self.accelerator.device
+            recipe.model,
+            recipe.adapter,
+            recipe.train.seed,
+            device=self.accelerator.device,
+            tokenizer=self.tokenizer,  # an added pad token resizes the embeddings
         )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
