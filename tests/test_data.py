@@ -115,7 +115,7 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ({"instruction": "x", "output": "y"}, "record 1 of src is missing the key 'input'"),
+        ({"input": "", "output": "y"}, "record 1 of src is missing the key 'instruction'"),
         ({**GOOD, "output": 3}, "record 1 of src has a non-string 'output' \\(int\\)"),
         ({**GOOD, "output": "  "}, "record 1 of src has an empty 'output'"),
         (["not", "a", "dict"], "record 1 of src is a list"),
@@ -124,6 +124,12 @@ GOOD = {"instruction": "Say hi.", "input": "", "output": "hi"}
 def test_bad_record_names_its_index(bad, message):
     with pytest.raises(DataError, match=message):
         validate_records([GOOD, bad, GOOD], "src")
+
+
+def test_alpaca_input_is_optional():
+    assert validate_records([{"instruction": "x", "output": "y"}], "src") == [
+        {"instruction": "x", "input": "", "output": "y"}
+    ]
 
 
 def test_skip_bad_records_counts(caplog):

@@ -532,7 +532,7 @@ def test_unknown_target_lists_candidates_and_leaves_model_untouched(llama):
     with pytest.raises(lora.LoraTargetError) as excinfo:
         lora.apply_lora(llama, r=R, alpha=ALPHA, dropout=0.0, target_modules=["q_proj", "qkv"])
     message = str(excinfo.value)
-    assert "['qkv']" in message
+    assert "--lora_target qkv matches no" in message and "target_modules" not in message
     for candidate in ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "embed_tokens"):
         assert candidate in message
     assert next(lora.lora_layers(llama), None) is None
@@ -541,7 +541,11 @@ def test_unknown_target_lists_candidates_and_leaves_model_untouched(llama):
 
 def test_unknown_architecture_needs_explicit_targets(llama):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(lora.LoraTargetError, match=r"'gpt2'.*pass target_modules"):
+    gpt2.config.model_type = "no-such-architecture"  # known to neither ftkit nor PEFT
+    with pytest.raises(
+        lora.LoraTargetError,
+        match=r"'no-such-architecture'.*--lora_target all-linear.*\['c_attn', 'c_fc', 'c_proj'",
+    ):
         lora.apply_lora(gpt2, r=R, alpha=ALPHA, dropout=0.0)
     with pytest.raises(ValueError, match="bloom_qv_only=True needs a BLOOM model"):
         lora.apply_lora(llama, r=R, alpha=ALPHA, dropout=0.0, bloom_qv_only=True)

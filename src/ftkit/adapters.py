@@ -34,7 +34,13 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ftkit import lora
 from ftkit.config import PRECISIONS, ModelConfig
-from ftkit.data import load_template
+from ftkit.data import (
+    CHAT_FORMATS,
+    alpaca_chat_template,
+    ensure_chat_template,
+    load_template,
+    run_data_format,
+)
 from ftkit.errors import ConfigError, FtkitError, ModelError
 from ftkit.io import atomic_dir
 from ftkit.modeling import load_base_model, load_tokenizer, resolve_model_path
@@ -47,10 +53,10 @@ BASE_LABEL, TUNED_LABEL = "base", "fine-tuned"  # the two models of a before/aft
 FTKIT_FORMAT = "ftkit-lora"
 FTKIT_FORMAT_VERSION = 1
 # PEFT options that change which modules are adapted or how; ftkit's LoRA implements none of them.
+# (fan_in_fan_out is not among them: PEFT sets it per layer from the layer type, as ftkit does.)
 _UNSUPPORTED_PEFT_OPTIONS = (
     "use_dora",
     "lora_bias",
-    "fan_in_fan_out",
     "rank_pattern",
     "alpha_pattern",
     "modules_to_save",
@@ -95,7 +101,10 @@ def _write_ftkit_lora(
             "use_rslora": settings.use_rslora,
             "init_lora_weights": True if settings.init == "kaiming" else settings.init,
             "bias": "none",
-            "fan_in_fan_out": False,
+            # PEFT's flag for Conv1D bases (GPT-2): their weight is (in, out).
+            "fan_in_fan_out": any(
+                getattr(layer, "fan_in_fan_out", False) for _, layer in lora.lora_layers(model)
+            ),
             "inference_mode": True,
         }
     else:
@@ -366,10 +375,12 @@ def load_base(args: AdapterArgs, device: torch.device | str | None = None) -> Lo
     """Read the adapter dir (cheap checks first), then load its base and tokenizer."""
     adapter = Adapter.read(args.adapter_dir)
     base = adapter.base_for(args.base_model)
-    model = load_base_model(ModelConfig(model_name_or_path=base, model_dtype=args.dtype))
+    tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
+    # The run's tokenizer may hold an added pad token: fit_embeddings rebuilds training's rows.
+    config = ModelConfig(model_name_or_path=base, model_dtype=args.dtype)
+    model = load_base_model(config, tokenizer=tokenizer)
     model.config.use_cache = True  # load_base_model turns it off for training
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
     return LoadedBase(model, tokenizer, adapter, base)
 
 
@@ -427,10 +438,65 @@ def merge_and_export(args: AdapterArgs, output_dir: str | Path) -> MergeResult:
         expected = model(**probe).logits
         merged = _merge(model, adapter.format)
         diff = float((merged(**probe).logits - expected).abs().max())
+    data_format = run_data_format(adapter.path)
+    tokenizer = deployable_tokenizer(loaded.tokenizer, data_format)
+    merged.generation_config = deploy_generation_config(tokenizer, data_format)
+    merged.config.use_cache = True
     with atomic_dir(output_dir) as scratch:
         merged.save_pretrained(scratch, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        portable_tokenizer_config(scratch / "tokenizer_config.json")
     return MergeResult(output_dir, diff)
+
+
+# transformers 5 names its fast tokenizer class TokenizersBackend; 4.x knows the same class as
+# PreTrainedTokenizerFast, a name 5.x still loads.
+_V5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """Make a transformers-5 tokenizer_config.json load the same in transformers 4.56+.
+
+    The class name 4.x lacks is replaced by its 4.x name, and ``padding_side: left`` is written
+    out (5.x leaves it out, and 4.x then pads on the right, which breaks batched generation).
+    """
+    config = json.loads(path.read_text(encoding="utf-8"))
+    name = config.get("tokenizer_class")
+    config["tokenizer_class"] = _V5_ONLY_TOKENIZER_CLASSES.get(name, name)
+    config["padding_side"] = "left"
+    for key in ("is_local", "local_files_only"):  # facts about this machine's load, not the model
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def deployable_tokenizer(tokenizer: PreTrainedTokenizerBase, data_format: str):
+    """The run's tokenizer as the merged model ships it: left padding, the run's chat template.
+
+    Chat runs keep the template they trained with (the tokenizer's own or ftkit's default, saved
+    with the run); an alpaca run without one gets ``alpaca_chat_template`` (the Alpaca prompt as
+    a chat template); text and prompt_completion runs keep whatever the tokenizer had.
+    """
+    if data_format in CHAT_FORMATS:
+        ensure_chat_template(tokenizer)
+    elif data_format == "alpaca" and not tokenizer.chat_template:
+        tokenizer.chat_template = alpaca_chat_template()
+    tokenizer.padding_side = "left"  # batched generate() pads on the left (see generate.py)
+    return tokenizer
+
+
+def deploy_generation_config(tokenizer: PreTrainedTokenizerBase, data_format: str):
+    """generate.py's defaults (greedy, its max_new_tokens, EOS / end-of-turn, pad) for the merged dir.
+
+    A fresh config, not the base's: a base that samples (do_sample, temperature...) would make
+    ``pipeline(prompt)`` answer differently from ``ftkit generate``.
+    """
+    from ftkit.generate import GenerationOptions, stop_token_ids
+
+    config = GenerationOptions().generation_config(
+        tokenizer, stop_token_ids(tokenizer, data_format)
+    )
+    config.bos_token_id = tokenizer.bos_token_id
+    return config
 
 
 def _merge(model, adapter_format: str):

@@ -22,6 +22,7 @@ from ftkit.errors import ConfigError
 EMBEDDED_MODEL = "ftkit:tiny-llama"
 EMBEDDED_DATASET = "ftkit:tiny-instructions"
 LORA_IMPLS = ("peft", "ftkit", "none")
+DATA_FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")
 # The one precision vocabulary (recipes, planner, grid, metrics); Accelerate's and torch's
 # spellings are derived from it here and nowhere else.
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -80,13 +81,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Which Alpaca-format records to train on and how to turn them into tokens."""
+    """Which records (Alpaca, chat, prompt/completion or text) to train on, and how to tokenise."""
 
     dataset: str = field(
         default=EMBEDDED_DATASET,
-        metadata={"help": "Local .json/.jsonl file, Hub dataset id, or ftkit:tiny-instructions."},
+        metadata={
+            "help": "A .json/.jsonl/.parquet/.csv file, a datasets directory, a Hub dataset id, "
+            "or ftkit:tiny-instructions."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a Hub dataset."})
+    data_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (detected from the first records, logged), alpaca, messages, sharegpt, "
+            "prompt_completion or text."
+        },
+    )
     num_samples: int = field(default=0, metadata={"help": "Use the first N records (0 = all)."})
     validation_size: float = field(
         default=0.1, metadata={"help": "Held-out fraction (<1) or count (>=1) of the records."}
@@ -102,6 +113,10 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")
+        _require(
+            self.data_format in DATA_FORMATS,
+            f"data_format={self.data_format!r} is not one of {DATA_FORMATS}",
+        )
         _require(self.validation_size >= 0, "validation_size must be >= 0")
         _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")
 
@@ -119,7 +134,10 @@ class AdapterConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names to adapt (default: the q/v projections of the model)."},
+        metadata={
+            "help": "Module names to adapt, or all-linear (default: PEFT's targets for the "
+            "architecture; q_proj v_proj on LLaMA, query_key_value on BLOOM)."
+        },
     )
     use_rslora: bool = field(default=False, metadata={"help": "scaling = alpha / sqrt(r)."})
 

@@ -25,13 +25,16 @@ from ftkit.adapters import (
 )
 from ftkit.config import RESOLVED_CONFIG_NAME, Recipe, load_yaml
 from ftkit.data import (
+    CHAT_FORMATS,
     IGNORE_INDEX,
     build_datasets,
     collator,
+    detect_format,
+    ensure_chat_template,
     load_records,
     load_template,
     resolve_dataset,
-    tokenize_record,
+    tokenize_example,
     validate_records,
 )
 from ftkit.errors import ConfigError, DataError
@@ -47,7 +50,8 @@ class EvalArgs:
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Held-out Alpaca .json/.jsonl file (or Hub id). Default: the training run's "
+            "help": "Held-out data in any data format (file, datasets dir or Hub id). Default: the "
+            "training run's "
             f"own held-out split, rebuilt from its {RESOLVED_CONFIG_NAME}."
         },
     )
@@ -89,10 +93,21 @@ def held_out_examples(recipe: Recipe, tokenizer) -> list[dict]:
     return build_datasets(recipe.data, tokenizer, recipe.train.seed).eval.to_list()
 
 
-def tokenize_examples(records: Sequence[dict], tokenizer, max_length: int) -> list[dict]:
-    """Training's tokenisation and label masks, less records whose prompt fills max_length."""
+def tokenize_examples(
+    records: Sequence[dict], tokenizer, max_length: int, data_format: str = "alpaca"
+) -> list[dict]:
+    """Training's tokenisation and label masks, less records whose prompt fills max_length.
+
+    ``records`` are canonical (``validate_records``); chat records use the run's chat template.
+    """
     template = load_template()
-    examples = [tokenize_record(r, tokenizer, max_length, template=template) for r in records]
+    if data_format in CHAT_FORMATS:
+        ensure_chat_template(tokenizer)  # the run's own one if it has one
+        data_format = "messages"
+    examples = [
+        tokenize_example(r, tokenizer, max_length, data_format=data_format, template=template)
+        for r in records
+    ]
     kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
     if not kept:
         raise DataError(f"every record's prompt fills max_length={max_length}; raise it")
@@ -134,8 +149,12 @@ def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
     else:
         dataset = eval_args.dataset
         records = load_records(dataset, num_samples=eval_args.num_samples)
-        records = validate_records(records, resolve_dataset(dataset), eval_args.skip_bad_records)
-        examples_for = partial(tokenize_examples, records, max_length=eval_args.max_length)
+        source = resolve_dataset(dataset)
+        data_format = detect_format(records, source)  # the file's own format, logged
+        records = validate_records(records, source, eval_args.skip_bad_records, data_format)
+        examples_for = partial(
+            tokenize_examples, records, max_length=eval_args.max_length, data_format=data_format
+        )
     loaded = load_base(args)
     score = (loaded.tokenizer, examples_for(tokenizer=loaded.tokenizer), eval_args.batch_size)
     base = evaluate_loss(loaded.model, *score)

@@ -1,6 +1,9 @@
 """Generate with a trained adapter, optionally next to its base model (before/after).
 
-Prompts go through the training template (``load_template``) so the model sees what it learned on.
+Prompts are rendered the way the run was trained (its ``data_format`` in resolved_config.yaml):
+the Alpaca template (``load_template``) for alpaca runs, the run's chat template (saved with its
+tokenizer) with a generation prompt for messages/sharegpt runs, and as plain text to complete for
+text and prompt_completion runs, so the model sees what it learned on.
 Batches are padded on the LEFT: every row's next token then follows its own last real token, which
 is what makes batched greedy decoding equal one-by-one decoding.
 """
@@ -16,7 +19,17 @@ import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ftkit.adapters import BASE_LABEL, TUNED_LABEL, AdapterArgs, attach_adapter, load_base
-from ftkit.data import load_records, load_template, resolve_dataset, validate_records
+from ftkit.data import (
+    CHAT_FORMATS,
+    detect_format,
+    end_of_turn_token,
+    load_records,
+    load_template,
+    render_chat,
+    resolve_dataset,
+    run_data_format,
+    validate_records,
+)
 from ftkit.errors import ConfigError, DataError
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -29,9 +42,42 @@ class Prompt:
     instruction: str
     input: str = ""
     reference: str | None = None
+    messages: tuple = ()  # the conversation before the answer, for prompts from chat records
 
     def text(self) -> str:
+        """The Alpaca prompt (alpaca runs)."""
         return load_template().format(self.instruction, self.input)
+
+    def plain(self) -> str:
+        """The text to complete (text and prompt_completion runs)."""
+        return self.instruction + (f"\n\n{self.input}" if self.input else "")
+
+    def chat(self) -> list[dict]:
+        """The conversation to answer (chat runs): the record's turns, or one user turn."""
+        if self.messages:
+            return [dict(message) for message in self.messages]
+        return [{"role": "user", "content": self.plain()}]
+
+
+def render_prompts(prompts: Sequence[Prompt], tokenizer, data_format: str) -> list[str]:
+    """Each prompt as the run's format shows it to the model (see the module docstring)."""
+    if data_format in CHAT_FORMATS:
+        return [
+            render_chat(tokenizer, prompt.chat(), add_generation_prompt=True) for prompt in prompts
+        ]
+    if data_format == "alpaca":
+        return [prompt.text() for prompt in prompts]
+    return [prompt.plain() for prompt in prompts]
+
+
+def stop_token_ids(tokenizer, data_format: str) -> list[int]:
+    """EOS, and for chat runs the template's end-of-turn token when it is another one."""
+    ids = [tokenizer.eos_token_id]
+    if data_format in CHAT_FORMATS:
+        end = end_of_turn_token(tokenizer)
+        if end is not None and end not in ids:
+            ids.append(end)
+    return ids
 
 
 @dataclass
@@ -45,7 +91,10 @@ class PromptArgs:
         metadata={"help": "One instruction per line, or (.json) a list of strings or objects."},
     )
     dataset: str | None = field(
-        default=None, metadata={"help": "Alpaca .json/.jsonl file (or Hub id): its instructions."}
+        default=None,
+        metadata={
+            "help": "A dataset in any data format (file, datasets dir or Hub id): its prompts."
+        },
     )
     num_samples: int = field(default=5, metadata={"help": "First N --dataset records (0 = all)."})
     skip_bad_records: bool = field(
@@ -68,8 +117,29 @@ def load_prompts(args: PromptArgs) -> list[Prompt]:
     if args.prompts_file is not None:
         return read_prompts_file(args.prompts_file)
     records = load_records(args.dataset, num_samples=args.num_samples)
-    records = validate_records(records, resolve_dataset(args.dataset), args.skip_bad_records)
-    return [Prompt(r["instruction"], r["input"], r["output"]) for r in records]
+    source = resolve_dataset(args.dataset)
+    data_format = detect_format(records, source)
+    records = validate_records(records, source, args.skip_bad_records, data_format)
+    return [_prompt_from_record(record) for record in records]
+
+
+def _prompt_from_record(record: dict) -> Prompt:
+    """A dataset record (canonical form) as a prompt, its answer as the reference."""
+    if "instruction" in record:
+        return Prompt(record["instruction"], record["input"], record["output"])
+    if "messages" in record:
+        messages = record["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        users = [m["content"] for m in messages[:last] if m["role"] == "user"]
+        history = tuple(messages[:last])
+        return Prompt(
+            users[-1] if users else "", reference=messages[last]["content"], messages=history
+        )
+    if "prompt" in record:
+        return Prompt(record["prompt"], reference=record["completion"])
+    words = record["text"].split(" ")  # text records: complete the second half from the first
+    half = max(1, len(words) // 2)
+    return Prompt(" ".join(words[:half]), reference=" ".join(words[half:]))
 
 
 def read_prompts_file(path: str | Path) -> list[Prompt]:
@@ -144,13 +214,16 @@ class GenerationOptions:
         )
         return f"{decoding}, max_new_tokens {self.max_new_tokens}"
 
-    def generation_config(self, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    def generation_config(
+        self, tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int] | None = None
+    ) -> GenerationConfig:
         # top_k=0: no hidden top-k cut (transformers would fill in 50); temperature and top_p rule.
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        stop_ids = list(stop_ids or [tokenizer.eos_token_id])
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=self.do_sample,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0],
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
             **(sampling if self.do_sample else {}),
@@ -159,7 +232,7 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class Completion:
-    """The new tokens of one prompt, cut before the first EOS, and their text."""
+    """The new tokens of one prompt, cut before the first EOS (or end of turn), and their text."""
 
     text: str
     token_ids: tuple[int, ...]
@@ -172,10 +245,21 @@ class Completion:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], options: GenerationOptions
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    options: GenerationOptions,
+    *,
+    add_special_tokens: bool = True,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[Completion]:
-    """Complete each prompt text; only the new tokens are decoded (the prompt is not echoed)."""
-    config = options.generation_config(tokenizer)
+    """Complete each prompt text; only the new tokens are decoded (the prompt is not echoed).
+
+    Rendered chat prompts already hold what the template wants (BOS...): pass
+    ``add_special_tokens=False`` for them, and the end-of-turn token in ``stop_ids``.
+    """
+    config = options.generation_config(tokenizer, stop_ids)
+    stop_ids = list(stop_ids or [tokenizer.eos_token_id])
     torch.manual_seed(options.seed)  # sampling draws from torch only
     device = next(model.parameters()).device
     completions = []
@@ -185,18 +269,24 @@ def generate(
             return_tensors="pt",
             padding=True,
             padding_side="left",
+            add_special_tokens=add_special_tokens,
         ).to(device)
         output = model.generate(**batch, generation_config=config)
         new_tokens = output[:, batch["input_ids"].shape[1] :].tolist()
-        completions += [_completion(ids, tokenizer) for ids in new_tokens]
+        completions += [_completion(ids, tokenizer, stop_ids) for ids in new_tokens]
     return completions
 
 
-def _completion(new_ids: list[int], tokenizer: PreTrainedTokenizerBase) -> Completion:
+def _completion(
+    new_ids: list[int], tokenizer: PreTrainedTokenizerBase, stop_ids: Sequence[int] = ()
+) -> Completion:
     # Rows that finished early are padded after their EOS; everything from the EOS on is dropped.
-    stopped = tokenizer.eos_token_id in new_ids
+    stops = [
+        i for i, token in enumerate(new_ids) if token in (stop_ids or [tokenizer.eos_token_id])
+    ]
+    stopped = bool(stops)
     if stopped:
-        new_ids = new_ids[: new_ids.index(tokenizer.eos_token_id)]
+        new_ids = new_ids[: stops[0]]
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return Completion(text, tuple(new_ids), stopped)
 
@@ -209,11 +299,16 @@ def generate_before_after(
 ) -> BeforeAfter:
     """The fine-tuned model's answers and, with ``compare_base``, first the base's alone."""
     loaded = load_base(args)
-    texts = [prompt.text() for prompt in prompts]
+    data_format = run_data_format(loaded.adapter.path)
+    texts = render_prompts(prompts, loaded.tokenizer, data_format)
+    how = {
+        "add_special_tokens": data_format not in CHAT_FORMATS,  # the template writes BOS
+        "stop_ids": stop_token_ids(loaded.tokenizer, data_format),
+    }
     columns = {}
     if compare_base:
-        columns[BASE_LABEL] = generate(loaded.model, loaded.tokenizer, texts, options)
-    columns[TUNED_LABEL] = generate(attach_adapter(loaded), loaded.tokenizer, texts, options)
+        columns[BASE_LABEL] = generate(loaded.model, loaded.tokenizer, texts, options, **how)
+    columns[TUNED_LABEL] = generate(attach_adapter(loaded), loaded.tokenizer, texts, options, **how)
     return BeforeAfter(list(prompts), columns, loaded.adapter.path, loaded.base, options)
 
 

@@ -33,12 +33,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ftkit.errors import FtkitError
 
 logger = logging.getLogger(__name__)
 
+# ftkit's own defaults, which win over PEFT's mapping (LLaMA and BLOOM keep the targets they always
+# had; on BLOOM ftkit's LoRA adapts only the q and v rows of query_key_value, see above).
 DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "bloom": ("query_key_value",)}
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every Linear/Conv1D except the output head
+TARGET_FLAG = "--lora_target"  # what the user passes; errors name it, not PEFT's target_modules
 INITS = ("kaiming", "gaussian")
 BLOOM_FUSED_QKV = "query_key_value"
 
@@ -118,13 +123,17 @@ class LoraLayer(nn.Module):
 class LoraLinear(LoraLayer):
     """``base(x) + B(A(dropout(x))) * scaling`` with fp32 A and B whatever the base dtype.
 
+    The base is an ``nn.Linear`` (weight ``(out, in)``) or transformers' ``Conv1D`` (GPT-2's
+    ``c_attn``...: weight ``(in, out)``, PEFT's ``fan_in_fan_out=True``); A and B are the same
+    either way, only ``delta_weight`` is transposed to the base's layout.
+
     ``rows`` restricts the update to those output rows: B then has ``len(rows)`` rows and its
     output is scattered into place (BLOOM q/v-only).
     """
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Linear | Conv1D,
         *,
         r: int,
         alpha: float,
@@ -136,12 +145,13 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, r=r, alpha=alpha, use_rslora=use_rslora)
         if init not in INITS:
             raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}")
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        in_features, out_features = linear_shape(base_layer)
+        self.in_features, self.out_features = in_features, out_features
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         # PEFT's order of RNG draws: both nn.Linear draw their default init, then A is re-drawn.
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False)
-        self.lora_B = nn.Linear(
-            r, base_layer.out_features if rows is None else len(rows), bias=False
-        )
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features if rows is None else len(rows), bias=False)
         if init == "kaiming":
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         else:
@@ -159,16 +169,24 @@ class LoraLinear(LoraLayer):
         lora_x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         update = self.lora_B(self.lora_A(lora_x)) * self.scaling
         if self.rows is not None:
-            full = update.new_zeros(*update.shape[:-1], self.base_layer.out_features)
+            full = update.new_zeros(*update.shape[:-1], self.out_features)
             update = full.index_add(-1, self.rows, update)
         return result + update.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         delta = self.lora_B.weight @ self.lora_A.weight * self.scaling
-        if self.rows is None:
-            return delta
-        full = delta.new_zeros(self.base_layer.out_features, self.base_layer.in_features)
-        return full.index_add(0, self.rows, delta)
+        if self.rows is not None:
+            full = delta.new_zeros(self.out_features, self.in_features)
+            delta = full.index_add(0, self.rows, delta)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a ``Conv1D`` (weight ``(in, out)``)."""
+    if isinstance(layer, Conv1D):
+        n_in, n_out = layer.weight.shape
+        return n_in, n_out
+    return layer.in_features, layer.out_features
 
 
 class LoraEmbedding(LoraLayer):
@@ -216,17 +234,59 @@ class LoraSettings:
     bloom_qv_only: bool
 
 
-def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> tuple[str, ...]:
-    """``target_modules`` as given, or the architecture's default from ``DEFAULT_TARGETS``."""
-    if target_modules is not None:
-        return tuple(target_modules)
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The architecture's default targets: ftkit's own (LLaMA, BLOOM), else PEFT's mapping."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
     model_type = _model_type(model)
-    if model_type not in DEFAULT_TARGETS:
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    if model_type in PEFT:
+        return tuple(PEFT[model_type])
+    raise LoraTargetError(
+        f"no default LoRA targets for model_type {model_type!r} (neither ftkit nor PEFT has "
+        f"one); pass {TARGET_FLAG} {ALL_LINEAR}, or module names chosen from this model's linear "
+        f"modules: {linear_module_names(model)}"
+    )
+
+
+def resolve_targets(model: nn.Module, target_modules: Sequence[str] | None) -> tuple[str, ...]:
+    """``target_modules`` as given (``all-linear`` expanded), or the architecture's default.
+
+    ``all-linear`` means what it means to PEFT: the full names of every ``nn.Linear`` and
+    ``Conv1D`` except the output head (``get_output_embeddings()``).
+    """
+    if target_modules is None:
+        return default_targets(model)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = tuple(target_modules)
+    if any(t.lower() == ALL_LINEAR for t in targets):
+        if len(targets) > 1:
+            raise LoraTargetError(
+                f"{TARGET_FLAG} {ALL_LINEAR} already selects every linear layer; pass it alone, "
+                f"not with {[t for t in targets if t.lower() != ALL_LINEAR]}"
+            )
+        return all_linear_names(model)
+    return targets
+
+
+def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """PEFT's ``all-linear``: every Linear/Conv1D module's full name, the output head excluded."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    names = tuple(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D))
+        and module is not head
+        and not isinstance(module, LoraLayer)
+        and ".lora_" not in f".{name}"
+    )
+    if not names:
         raise LoraTargetError(
-            f"no default LoRA targets for model_type {model_type!r}; pass target_modules "
-            f"explicitly, chosen from this model's modules: {_candidate_names(model)}"
+            f"{TARGET_FLAG} {ALL_LINEAR}: {type(model).__name__} has no linear layer"
         )
-    return DEFAULT_TARGETS[model_type]
+    return names
 
 
 def apply_lora(
@@ -318,8 +378,10 @@ def match_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
     unmatched = [t for t in target_modules if not any(_matches(name, t) for name in adaptable)]
     if unmatched:
         raise LoraTargetError(
-            f"LoRA target(s) {unmatched} match no Linear/Embedding module of "
-            f"{type(model).__name__}; candidates: {_candidate_names(model)}"
+            f"{TARGET_FLAG} {' '.join(unmatched)} matches no Linear/Conv1D/Embedding module of "
+            f"{type(model).__name__}; pass {TARGET_FLAG} with names chosen from its linear "
+            f"modules {linear_module_names(model)} (embeddings: {_embedding_names(model)}), "
+            f"or {TARGET_FLAG} {ALL_LINEAR}"
         )
     return [name for name in adaptable if any(_matches(name, t) for t in target_modules)]
 
@@ -362,7 +424,7 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, settings: LoraSettings
         )
     rows = None
     if settings.bloom_qv_only and name.rpartition(".")[2] == BLOOM_FUSED_QKV:
-        rows = _bloom_qv_rows(module.out_features, model.config.num_attention_heads)
+        rows = _bloom_qv_rows(linear_shape(module)[1], model.config.num_attention_heads)
     return LoraLinear(
         module,
         r=settings.r,
@@ -404,12 +466,31 @@ def _adaptable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Embedding))
+        if isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
+        and not isinstance(module, LoraLayer)
+        and ".lora_" not in f".{name}"
     }
 
 
-def _candidate_names(model: nn.Module) -> list[str]:
-    return sorted({name.rpartition(".")[2] for name in _adaptable_modules(model)})
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the model's Linear/Conv1D modules (what a target can name)."""
+    return sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in _adaptable_modules(model).items()
+            if not isinstance(module, nn.Embedding)
+        }
+    )
+
+
+def _embedding_names(model: nn.Module) -> list[str]:
+    return sorted(
+        {
+            name.rpartition(".")[2]
+            for name, module in _adaptable_modules(model).items()
+            if isinstance(module, nn.Embedding)
+        }
+    )
 
 
 def _matches(name: str, target: str) -> bool:

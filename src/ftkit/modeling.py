@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.pytorch_utils import Conv1D
 
 from ftkit.config import AdapterConfig, ModelConfig, torch_dtype
 from ftkit.data import ensure_pad_token
@@ -62,8 +63,41 @@ def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
-    """``AutoModelForCausalLM.from_pretrained`` with the requested dtype / quantisation / GC."""
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embeddings (and an untied head) to ``len(tokenizer)`` if a pad token was added.
+
+    The new rows are the mean of the existing ones (and the head's bias likewise), not random:
+    that is deterministic, so every later load of the same base + tokenizer rebuilds exactly the
+    matrices training used (they stay frozen), and the adapter needs no copy of them. Returns
+    whether the model was resized. The model's ``pad_token_id`` follows the tokenizer's.
+    """
+    if tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:
+        return False
+    head = model.get_output_embeddings()
+    old_head_rows = None if head is None else head.weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not weight:
+            head.weight[old_head_rows:] = head.weight[:old_head_rows].mean(dim=0, keepdim=True)
+        if head is not None and getattr(head, "bias", None) is not None:
+            head.bias[old_head_rows:] = head.bias[:old_head_rows].mean()
+    logger.info("resized the embeddings from %d to %d rows (added pad token)", rows, len(tokenizer))
+    return True
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", tokenizer=None):
+    """``AutoModelForCausalLM.from_pretrained`` with the requested dtype / quantisation / GC.
+
+    With ``tokenizer``, the embeddings are fitted to it (``fit_embeddings``: an added pad token).
+    """
     path = resolve_model_path(cfg.model_name_or_path)
     quant = quantization_config(cfg)
     kwargs = {"dtype": torch_dtype(cfg.model_dtype)}
@@ -73,6 +107,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu"):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelError(f"could not load model {path!r}: {exc}") from exc
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -139,8 +175,12 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
     from peft import LoraConfig, get_peft_model
 
     targets = lora.resolve_targets(model, targets)
-    logger.info("PEFT LoRA targets %s match: %s", list(targets), lora.match_targets(model, targets))
+    matched = lora.match_targets(model, targets)
+    logger.info("PEFT LoRA targets %s match: %s", list(targets), matched)
+    modules = dict(model.named_modules())
     peft_config = LoraConfig(
+        # Conv1D (GPT-2) stores its weight (in, out); PEFT would otherwise warn and flip it per layer.
+        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in matched),
         task_type="CAUSAL_LM",
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -154,9 +194,11 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
         return get_peft_model(model, peft_config)
 
 
-def build_model(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int, device="cpu"):
-    """Base model + adapter, with gradient checkpointing if asked."""
-    model = load_base_model(model_cfg, device)
+def build_model(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int, device="cpu", tokenizer=None
+):
+    """Base model (fitted to ``tokenizer``) + adapter, with gradient checkpointing if asked."""
+    model = load_base_model(model_cfg, device, tokenizer=tokenizer)
     model = apply_adapter(model, adapter_cfg, seed)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -100,7 +100,11 @@ class Trainer:
         check_precision_combination(recipe, self.accelerator.mixed_precision)
         engines.check_recipe(self.accelerator, recipe)
         model = build_model(
-            recipe.model, recipe.adapter, recipe.train.seed, device=self.accelerator.device
+            recipe.model,
+            recipe.adapter,
+            recipe.train.seed,
+            device=self.accelerator.device,
+            tokenizer=self.tokenizer,  # an added pad token resizes the embeddings
         )
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
