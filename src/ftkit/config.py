@@ -49,6 +49,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _tristate(name: str, value) -> str:
+    """``true`` / ``false`` / ``auto`` from a YAML bool or a command-line string."""
+    text = str(value).strip().lower()
+    text = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false"}.get(text, text)
+    _require(text in ("true", "false", "auto"), f"{name}={value!r} is not true, false or auto")
+    return text
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load, and how to hold its frozen weights."""
@@ -100,7 +108,16 @@ class DataConfig:
         metadata={"help": "Skip malformed records (logging their count) instead of failing."},
     )
 
+    padding_free: str = field(
+        default="false",
+        metadata={
+            "help": "true: each micro-batch is one flattened row with position_ids (no padding); "
+            "auto: on where exact (not for ALiBi models such as BLOOM); false: right-padded."
+        },
+    )
+
     def __post_init__(self):
+        self.padding_free = _tristate("padding_free", self.padding_free)
         _require(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")
         _require(self.validation_size >= 0, "validation_size must be >= 0")
         _require(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, checkpoint, reporting
+from ftkit import adapters, batching, checkpoint, reporting
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
@@ -82,6 +82,7 @@ class Trainer:
         self.output_dir = Path(recipe.train.output_dir)
         self.base_path = resolve_model_path(recipe.model.model_name_or_path)
         self.tokenizer = load_tokenizer(self.base_path)
+        self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
@@ -118,7 +119,7 @@ class Trainer:
             self.data.train,
             batch_size=cfg.per_device_train_batch_size,
             shuffle=True,
-            collate_fn=pad,
+            collate_fn=batching.flattening_collator() if self.padding_free else pad,
             generator=generator,
         )
         evaluation = DataLoader(
@@ -171,7 +172,7 @@ class Trainer:
         for i, batch in enumerate(window):
             last = i == len(window) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                outputs = self.model(**batch, num_items_in_batch=window_tokens)
+                outputs = self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)
                 acc.backward(outputs.loss * acc.num_processes)
                 window_loss += outputs.loss.detach()
         return acc.reduce(window_loss, "sum")
@@ -204,7 +205,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.optimizer_step()
         self.progress.advance(len(window))
-        real_tokens = float(acc.reduce(sum(b["attention_mask"].sum() for b in window), "sum"))
+        real_tokens = float(acc.reduce(sum(batching.real_tokens(b) for b in window), "sum"))
         elapsed = time.perf_counter() - step_start
         return {
             "step": step,

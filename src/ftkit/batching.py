@@ -1,0 +1,93 @@
+"""How training micro-batches are formed: right-padded, length-grouped, or padding-free.
+
+* **padded** (``padding_free: false``, ``group_by_length: false``): random batches, right-padded
+  by :func:`ftkit.data.collator`. On Alpaca lengths a random batch of 8 computes ~1.8 tokens per
+  real token.
+* **length-grouped** (``group_by_length: true``): :class:`LengthGroupedSampler` forms batches of
+  similar lengths inside random mega-batches; still right-padded, with far less padding.
+* **padding-free** (``padding_free: true``): each micro-batch is one flattened row with
+  ``position_ids`` restarting at 0 for every sequence (transformers' ``DataCollatorWithFlattening``),
+  no padding at all. transformers derives a block-diagonal causal mask from those position ids
+  (SDPA/eager on CPU, flash-attention varlen on GPU) *only when there is no attention mask and no
+  KV cache*, so the model must be called with ``use_cache=False``: with a ``DynamicCache`` the
+  packed-sequence detection is skipped and attention silently crosses sequence boundaries.
+
+Labels of a flattened row: the collator writes ``-100`` in place of each sequence's first label,
+so the (shifted) target at every sequence boundary is masked, and every other label is ours
+(``-100`` on prompts). The supervised-token count of a flattened row therefore equals the padded
+batch's (``labels[:, 1:] != -100`` summed), which keeps the per-supervised-token normalisation
+across accumulation windows and processes exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import DataCollatorWithFlattening
+
+from ftkit.data import IGNORE_INDEX
+from ftkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Position encodings that do not come from position_ids: a flattened row cannot restart them
+# per sequence, so padding-free batches would not be exact. BLOOM/MPT: ALiBi from the attention
+# mask; Falcon with alibi=True likewise.
+_NO_POSITION_IDS = {"bloom": "ALiBi", "mpt": "ALiBi"}
+
+
+def flattening_collator() -> DataCollatorWithFlattening:
+    """One row per micro-batch: input_ids, labels (-100 at sequence starts) and position_ids."""
+    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+
+
+def padding_free_problem(model_config) -> str | None:
+    """Why padding-free batches would not be exact for this model, or None."""
+    model_type = getattr(model_config, "model_type", "")
+    scheme = _NO_POSITION_IDS.get(model_type)
+    if scheme is None and getattr(model_config, "alibi", False):
+        scheme = "ALiBi"
+    if scheme is None:
+        return None
+    return (
+        f"padding_free is not exact for {model_type} models: their {scheme} position bias is "
+        "built from the attention mask, not from position_ids, so a flattened row cannot restart "
+        "it per sequence and attention would cross sequence boundaries; set padding_free false "
+        "(and group_by_length true to cut padding instead)"
+    )
+
+
+def resolve_padding_free(setting: str, model_config) -> bool:
+    """``auto`` → on where exact; ``true`` on a model where it is not exact is a ConfigError.
+
+    ``model_config`` is a transformers config or a model directory (read before the model loads).
+    """
+    if setting == "false":
+        return False
+    if not hasattr(model_config, "model_type"):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_config)
+    problem = padding_free_problem(model_config)
+    if setting == "true" and problem:
+        raise ConfigError(problem)
+    if setting == "auto" and problem:
+        logger.info("padding_free auto: off for %s", getattr(model_config, "model_type", "?"))
+    return problem is None
+
+
+def is_flattened(batch) -> bool:
+    """A padding-free batch: one row, position ids, no attention mask."""
+    return "position_ids" in batch and "attention_mask" not in batch
+
+
+def real_tokens(batch):
+    """Tokens of real records in a batch (padding excluded)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return batch["input_ids"].new_tensor(batch["input_ids"].numel())
+
+
+def computed_tokens(batch) -> int:
+    """Positions the model runs on, padding included."""
+    return batch["input_ids"].numel()

@@ -1,0 +1,179 @@
+"""Batching modes (padding-free rows, length-grouped batches) are exact: same loss, same gradients."""
+
+import pytest
+import torch
+from helpers import tiny_recipe, write_records
+
+from ftkit import batching, cli
+from ftkit.data import IGNORE_INDEX, collator
+from ftkit.errors import ConfigError
+from ftkit.metrics import supervised_tokens
+from ftkit.train import Trainer
+
+TOL = 1e-5  # fp32: max |difference| allowed on losses and LoRA gradients
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, alpaca_path):
+    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_b_nonzero(trainer) -> None:
+    """LoRA B starts at 0 (so A gets no gradient); give it seeded values so every grad is tested."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def window_results(recipe, n_windows=1) -> list[tuple[float, dict]]:
+    """(loss, LoRA grads) of the first ``n_windows`` windows, all at the same (initial) weights."""
+    trainer = Trainer(recipe)
+    make_b_nonzero(trainer)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    results = []
+    for window in trainer.windows():
+        loss = float(trainer.backward_window(window))
+        results.append((loss, lora_grads(model)))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if len(results) == n_windows:
+            break
+    return results
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[n] - b[n]).abs().max()) for n in a)
+
+
+def assert_same(result_a, result_b, tol=TOL):
+    (loss_a, grads_a), (loss_b, grads_b) = result_a, result_b
+    grad_diff = max_abs_diff(grads_a, grads_b)
+    print(f"|Δloss| = {abs(loss_a - loss_b):.2e}  max |Δgrad| = {grad_diff:.2e}")
+    assert abs(loss_a - loss_b) <= tol
+    assert grad_diff <= tol
+    assert all(g.abs().max() > 0 for g in grads_a.values())  # every LoRA tensor learns
+
+
+# -- padding-free rows --------------------------------------------------------------------------
+
+
+def test_flattened_row_masks_sequence_starts_and_keeps_the_supervised_count(
+    tiny_llama_dir, records, tmp_path
+):
+    trainer = Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path, num_samples=4))
+    features = [trainer.data.train[i] for i in range(3)]
+    flat = batching.flattening_collator()(features)
+    padded = collator(trainer.tokenizer)(features)
+    assert set(flat) == {"input_ids", "labels", "position_ids"}  # no attention mask: packed path
+    assert flat["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
+    expected_labels, expected_positions = [], []
+    for f in features:
+        # the first label of every sequence is masked: the shifted target at a boundary would
+        # otherwise ask the previous sequence's last token to predict the next one's BOS
+        expected_labels += [IGNORE_INDEX, *f["labels"][1:]]
+        expected_positions += list(range(len(f["input_ids"])))
+    assert flat["labels"][0].tolist() == expected_labels
+    assert flat["position_ids"][0].tolist() == expected_positions
+    assert features[0]["labels"][0] == IGNORE_INDEX  # the prompt mask already covers BOS
+    assert int(supervised_tokens(flat)) == int(supervised_tokens(padded)) > 0
+    assert int(batching.real_tokens(flat)) == int(batching.real_tokens(padded))
+    assert batching.computed_tokens(flat) < batching.computed_tokens(padded)
+
+
+@pytest.mark.parametrize("impl", ["peft", "ftkit"])
+def test_padding_free_loss_and_grads_equal_the_padded_batch(
+    tiny_llama_dir, records, tmp_path, impl
+):
+    common = dict(lora_impl=impl, num_samples=8, per_device_train_batch_size=8)
+    padded = window_results(tiny_recipe(tiny_llama_dir, records, tmp_path, **common))
+    flat_recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free="true", **common)
+    trainer = Trainer(flat_recipe)
+    batch = next(trainer.windows())[0]
+    assert batching.is_flattened(batch) and batch["input_ids"].shape[0] == 1
+    assert_same(padded[0], window_results(flat_recipe)[0])
+
+
+def test_padding_free_with_accumulation_and_a_partial_window(tiny_llama_dir, records, tmp_path):
+    """6 records: padded 4x1 (windows of 4 and 2) == padding-free 2x2 (windows [2, 2] and [2])."""
+    padded = window_results(
+        tiny_recipe(
+            tiny_llama_dir, records, tmp_path, num_samples=6, per_device_train_batch_size=4
+        ),
+        n_windows=2,
+    )
+    flat = window_results(
+        tiny_recipe(
+            tiny_llama_dir,
+            records,
+            tmp_path,
+            num_samples=6,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            padding_free="true",
+            max_steps=2,
+        ),
+        n_windows=2,
+    )
+    assert len(padded) == len(flat) == 2
+    for a, b in zip(padded, flat, strict=True):
+        assert_same(a, b)
+
+
+def _row_logits(model, features, use_cache):
+    batch = batching.flattening_collator()(features)
+    with torch.no_grad():
+        return model(**batch, use_cache=use_cache).logits[0]
+
+
+def test_changing_one_sequence_leaves_the_others_alone_only_without_a_cache(
+    tiny_llama_dir, records, tmp_path
+):
+    trainer = Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path, num_samples=4))
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    features = [dict(trainer.data.train[i]) for i in range(3)]
+    changed = [dict(f) for f in features]
+    ids = list(changed[1]["input_ids"])
+    changed[1]["input_ids"] = ids[:1] + [(t + 7) % 100 + 3 for t in ids[1:]]  # same length
+    a, b = len(features[0]["input_ids"]), len(features[1]["input_ids"])
+    others = torch.cat(
+        [torch.arange(a), torch.arange(a + b, a + b + len(features[2]["input_ids"]))]
+    )
+    second = torch.arange(a, a + b)
+
+    exact = _row_logits(model, features, use_cache=False)
+    exact_changed = _row_logits(model, changed, use_cache=False)
+    assert (exact_changed[second] - exact[second]).abs().max() > 1e-3  # the change is visible
+    assert (exact_changed[others] - exact[others]).abs().max() <= 1e-6
+
+    # The guard matters: with a KV cache transformers skips packed-sequence detection and the
+    # third sequence attends to the first two.
+    cached = _row_logits(model, features, use_cache=True)
+    cached_changed = _row_logits(model, changed, use_cache=True)
+    assert (cached_changed[others] - cached[others]).abs().max() > 1e-3
+
+
+def test_padding_free_is_refused_for_alibi_models(tiny_bloom_dir, records, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="ALiBi"):
+        Trainer(tiny_recipe(tiny_bloom_dir, records, tmp_path, padding_free="true"))
+    auto = Trainer(tiny_recipe(tiny_bloom_dir, records, tmp_path, padding_free="auto"))
+    assert auto.padding_free is False
+    capsys.readouterr()
+    args = ["--model_name_or_path", str(tiny_bloom_dir), "--dataset", str(records)]
+    code = cli.main(["train", *args, "--output_dir", str(tmp_path / "o"), "--padding_free", "true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ftkit error: padding_free")
+
+
+def test_padding_free_field_values(tiny_llama_dir, records, tmp_path):
+    for value, expected in [(True, "true"), ("False", "false"), ("auto", "auto")]:
+        recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free=value)
+        assert recipe.data.padding_free == expected
+    with pytest.raises(ConfigError, match="padding_free='sometimes'"):
+        tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free="sometimes")
