@@ -1,5 +1,7 @@
 """Batching modes (padding-free rows, length-grouped batches) are exact: same loss, same gradients."""
 
+import itertools
+
 import pytest
 import torch
 from helpers import tiny_recipe, write_records
@@ -177,3 +179,120 @@ def test_padding_free_field_values(tiny_llama_dir, records, tmp_path):
         assert recipe.data.padding_free == expected
     with pytest.raises(ConfigError, match="padding_free='sometimes'"):
         tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free="sometimes")
+
+
+# -- length-grouped batches ---------------------------------------------------------------------
+
+
+def epoch_batches(trainer, epoch) -> list[list[tuple[int, ...]]]:
+    """The training batches of one epoch as lists of records (token tuples), via the prepared loader."""
+    trainer.train_loader.set_epoch(epoch)
+    return [
+        [
+            tuple(int(t) for t in row[row != trainer.tokenizer.pad_token_id])
+            for row in b["input_ids"]
+        ]
+        for b in trainer.train_loader
+    ]
+
+
+def test_grouped_sampler_batches_by_length_and_shards_whole_batches():
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    lengths = [(7 * i) % 23 + 1 for i in range(37)]
+    sampler = batching.LengthGroupedSampler(lengths, batch_size=4, seed=1, megabatch_batches=3)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(37))
+    assert [len(b) for b in batches[:-1]] == [4] * 9 and len(batches[-1]) == 1  # short one last
+    assert list(BatchSampler(sampler, 4, drop_last=False)) == batches
+    for start in range(0, 36, 12):  # inside a mega-batch, batches do not overlap in length
+        mega = batches[start // 4 : start // 4 + 3]
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in mega)
+        assert all(hi1 <= lo2 for (_, hi1), (lo2, _) in itertools.pairwise(spans))
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches
+    # DDP: Accelerate deals whole grouped batches round robin to the processes
+    shards = [
+        list(BatchSamplerShard(BatchSampler(sampler, 4, False), 2, rank, even_batches=False))
+        for rank in range(2)
+    ]
+    assert shards[0] == sampler.batches()[0::2] and shards[1] == sampler.batches()[1::2]
+
+
+def test_grouped_epochs_are_permutations_reproducible_and_less_padded(
+    tiny_llama_dir, records, tmp_path
+):
+    def trainer(seed, group=True):
+        return Trainer(
+            tiny_recipe(
+                tiny_llama_dir, records, tmp_path, num_samples=16, group_by_length=group, seed=seed
+            )
+        )
+
+    a, again, other, random = trainer(1), trainer(1), trainer(2), trainer(1, group=False)
+    every = sorted(r for b in epoch_batches(random, 0) for r in b)
+    seen = {}
+    for epoch in (0, 1):
+        batches = epoch_batches(a, epoch)
+        assert sorted(r for b in batches for r in b) == every  # each record once per epoch
+        assert batches == epoch_batches(again, epoch)  # reproducible from the seed
+        seen[epoch] = batches
+    assert seen[0] != seen[1] and seen[0] != epoch_batches(other, 0)
+
+    def padded_tokens(t):
+        t.train_loader.set_epoch(0)
+        return sum(batching.computed_tokens(b) for b in t.train_loader)
+
+    print(f"computed tokens: grouped {padded_tokens(a)}, random {padded_tokens(random)}")
+    assert padded_tokens(a) < padded_tokens(random)
+
+
+@pytest.mark.parametrize("n_records", [8, 7], ids=["full-window", "final-partial-window"])
+def test_grouped_accumulation_equals_big_batch(tiny_llama_dir, records, tmp_path, n_records):
+    results = {}
+    for batch, ga in [(8, 1), (4, 2)]:
+        recipe = tiny_recipe(
+            tiny_llama_dir,
+            records,
+            tmp_path,
+            num_samples=n_records,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=ga,
+            group_by_length=True,
+        )
+        results[batch] = window_results(recipe)[0]
+    assert_same(results[8], results[4])
+
+
+def lora_state(trainer):
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["group_by_length", "padding_free"])
+def test_resume_equals_straight_run_across_an_epoch(tiny_llama_dir, records, tmp_path, mode):
+    """12 records x batch 4 = 3 batches an epoch: checkpoint at step 2, resume, run to step 5."""
+    common = dict(
+        num_samples=12,
+        per_device_train_batch_size=4,
+        max_steps=5,
+        save_steps=2,
+        save_total_limit=5,
+        learning_rate=5e-3,
+        group_by_length=True,
+        padding_free="true" if mode == "padding_free" else "false",
+    )
+    straight = Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path / "a", **common))
+    straight.fit()
+    ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-2"
+    resumed = Trainer(
+        tiny_recipe(
+            tiny_llama_dir, records, tmp_path / "b", **common, resume_from_checkpoint=str(ckpt)
+        )
+    )
+    resumed.fit()
+    assert resumed.progress.step == 5
+    a, b = lora_state(straight), lora_state(resumed)
+    print(f"max |ΔW| = {max_abs_diff(a, b):.2e}")
+    assert max_abs_diff(a, b) <= 1e-6

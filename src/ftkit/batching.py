@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+from torch.utils.data import Sampler
 from transformers import DataCollatorWithFlattening
 
 from ftkit.data import IGNORE_INDEX
@@ -91,3 +93,69 @@ def real_tokens(batch):
 def computed_tokens(batch) -> int:
     """Positions the model runs on, padding included."""
     return batch["input_ids"].numel()
+
+
+# -- length-grouped batches -----------------------------------------------------------------------
+
+MEGABATCH_BATCHES = 50  # batches per mega-batch (as transformers' LengthGroupedSampler)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices in length-grouped order: random mega-batches, each sorted by length, batches shuffled.
+
+    Per epoch: a seeded permutation of all records is cut into mega-batches of
+    ``MEGABATCH_BATCHES * batch_size``; each is sorted by length (longest first, stable) and cut
+    into batches, whose order inside the mega-batch is shuffled. Only the last mega-batch can end
+    in a short batch, and it stays last, so a ``BatchSampler`` of the same ``batch_size`` over
+    these indices yields exactly the grouped batches.
+
+    The order is a pure function of ``(seed, epoch)``: every process computes the same one (so
+    Accelerate's ``BatchSamplerShard`` deals whole batches to processes), ``set_epoch`` (called
+    by ``DataLoaderShard.set_epoch``) reshuffles, and a resumed run that skips the first batches
+    of an epoch sees the batches the straight run saw.
+    """
+
+    def __init__(self, lengths, batch_size: int, seed: int, megabatch_batches=MEGABATCH_BATCHES):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.megabatch = batch_size * megabatch_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        batches = []
+        for start in range(0, len(order), self.megabatch):
+            mega = sorted(order[start : start + self.megabatch], key=lambda i: -self.lengths[i])
+            cut = [mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+            full = [b for b in cut if len(b) == self.batch_size]
+            short = [b for b in cut if len(b) < self.batch_size]
+            shuffled = torch.randperm(len(full), generator=generator).tolist()
+            batches += [full[i] for i in shuffled] + short
+        return batches
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from batch
+
+
+def train_loader_kwargs(
+    dataset, batch_size: int, seed: int, group_by_length: bool, collate_fn
+) -> dict:
+    """DataLoader arguments for the training split: seeded random or length-grouped batches.
+
+    Random batches use a ``RandomSampler`` with a seeded generator, which Accelerate's seedable
+    sampler replaces; a length-grouped sampler is kept as it is and reseeded by ``set_epoch``.
+    """
+    kwargs = {"batch_size": batch_size, "collate_fn": collate_fn}
+    if group_by_length:
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return {**kwargs, "sampler": LengthGroupedSampler(lengths, batch_size, seed)}
+    return {**kwargs, "shuffle": True, "generator": torch.Generator().manual_seed(seed)}

@@ -116,6 +116,14 @@ class DataConfig:
         },
     )
 
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch records of similar length (random mega-batches sorted by length, "
+            "batches shuffled; seeded per epoch): far less padding than random batches."
+        },
+    )
+
     def __post_init__(self):
         self.padding_free = _tristate("padding_free", self.padding_free)
         _require(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")

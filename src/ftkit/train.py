@@ -114,13 +114,15 @@ class Trainer:
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         pad = collator(self.tokenizer)
         cfg = self.recipe.train
-        generator = torch.Generator().manual_seed(cfg.seed)
         train = DataLoader(
             self.data.train,
-            batch_size=cfg.per_device_train_batch_size,
-            shuffle=True,
-            collate_fn=batching.flattening_collator() if self.padding_free else pad,
-            generator=generator,
+            **batching.train_loader_kwargs(
+                self.data.train,
+                cfg.per_device_train_batch_size,
+                cfg.seed,
+                self.recipe.data.group_by_length,
+                batching.flattening_collator() if self.padding_free else pad,
+            ),
         )
         evaluation = DataLoader(
             self.data.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=pad
