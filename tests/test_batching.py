@@ -1,6 +1,7 @@
 """Batching modes (padding-free rows, length-grouped batches) are exact: same loss, same gradients."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -296,3 +297,25 @@ def test_resume_equals_straight_run_across_an_epoch(tiny_llama_dir, records, tmp
     a, b = lora_state(straight), lora_state(resumed)
     print(f"max |ΔW| = {max_abs_diff(a, b):.2e}")
     assert max_abs_diff(a, b) <= 1e-6
+
+
+def test_metrics_record_padding_waste_per_mode(tiny_llama_dir, records, tmp_path):
+    waste = {}
+    for mode, fields in {
+        "padded": {},
+        "group_by_length": {"group_by_length": True},
+        "padding_free": {"padding_free": "true"},
+    }.items():
+        out = tmp_path / mode
+        recipe = tiny_recipe(tiny_llama_dir, records, out, num_samples=16, max_steps=4, **fields)
+        Trainer(recipe).fit()
+        figures = json.loads((out / "metrics.json").read_text())["throughput"]
+        assert figures["batching"] == mode
+        assert figures["real_tokens"] * figures["padding_waste"] == pytest.approx(
+            figures["computed_tokens"]
+        )
+        assert figures["tokens_per_s"] > figures["supervised_tokens_per_s"] > 0
+        waste[mode] = figures["padding_waste"]
+    print(waste)
+    assert waste["padding_free"] == 1.0
+    assert waste["padded"] > waste["group_by_length"] >= 1.0

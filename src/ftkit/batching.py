@@ -159,3 +159,55 @@ def train_loader_kwargs(
         lengths = [len(ids) for ids in dataset["input_ids"]]
         return {**kwargs, "sampler": LengthGroupedSampler(lengths, batch_size, seed)}
     return {**kwargs, "shuffle": True, "generator": torch.Generator().manual_seed(seed)}
+
+
+# -- what the batches cost --------------------------------------------------------------------------
+
+
+class TokenCounts:
+    """Real, computed and supervised tokens over a run, for ``metrics.json``.
+
+    ``padding_waste`` = computed ÷ real tokens (1.00 padding-free); ``logits_fraction`` = positions
+    whose LM-head logits were computed ÷ positions the model ran on.
+    """
+
+    def __init__(self, mode: str, logits_positions=None):
+        self.mode = mode
+        self.logits_positions = logits_positions  # batch -> positions whose logits are computed
+        self.real = self.computed = self.supervised = self.logits = 0
+        self.step_time_s = 0.0
+
+    def add(self, window, step_time_s: float) -> None:
+        for batch in window:
+            self.real += int(real_tokens(batch))
+            self.computed += computed_tokens(batch)
+            self.supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            positions = self.logits_positions(batch) if self.logits_positions else None
+            self.logits += computed_tokens(batch) if positions is None else positions
+        self.step_time_s += step_time_s
+
+    def figures(self, accelerator) -> dict:
+        """Summed over processes (a collective: every process calls it)."""
+        counts = torch.tensor(
+            [self.real, self.computed, self.supervised, self.logits],
+            dtype=torch.float64,
+            device=accelerator.device,
+        )
+        real, computed, supervised, logits = (float(x) for x in accelerator.reduce(counts, "sum"))
+        seconds = self.step_time_s
+        return {
+            "batching": self.mode,
+            "tokens_per_s": real / seconds if seconds else None,
+            "supervised_tokens_per_s": supervised / seconds if seconds else None,
+            "padding_waste": computed / real if real else None,
+            "real_tokens": int(real),
+            "computed_tokens": int(computed),
+            "supervised_tokens": int(supervised),
+            "logits_fraction": logits / computed if computed else None,
+        }
+
+
+def mode_name(padding_free: bool, group_by_length: bool) -> str:
+    if padding_free:
+        return "padding_free"
+    return "group_by_length" if group_by_length else "padded"

@@ -95,6 +95,9 @@ class Trainer:
             self.trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
         )
         train_loader, eval_loader = self._loaders()
+        self.token_counts = batching.TokenCounts(
+            batching.mode_name(self.padding_free, recipe.data.group_by_length)
+        )
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -209,6 +212,7 @@ class Trainer:
         self.progress.advance(len(window))
         real_tokens = float(acc.reduce(sum(batching.real_tokens(b) for b in window), "sum"))
         elapsed = time.perf_counter() - step_start
+        self.token_counts.add(window, elapsed)
         return {
             "step": step,
             "loss": loss,
@@ -284,6 +288,7 @@ class Trainer:
             "eval_records": len(self.data.eval),
             "techniques": self.techniques(),
             "memory": self.memory_figures(),
+            "throughput": self.token_counts.figures(acc),
         }
         self.save_artifacts()
         if acc.is_main_process:
