@@ -184,6 +184,14 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."}
     )
+    exact_peak_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU: pin glibc's mmap threshold so the peak RSS follows live tensors "
+            "(exact, for the ablation grid and benchmarks; costs step time). Off: the kernel's "
+            "high-water mark, allocator-dependent, at no cost."
+        },
+    )
 
     def __post_init__(self):
         _require(self.max_steps != 0, "max_steps must be > 0, or -1 to train by epochs")

@@ -76,7 +76,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
-        self.memory = PeakMemoryMeter().start()
+        self.memory = PeakMemoryMeter(pin_malloc=recipe.train.exact_peak_memory).start()
         self.accelerator = accelerator or make_accelerator()
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
@@ -311,9 +311,7 @@ class Trainer:
             "activations_bytes": split.activations,
             "peak_bytes": split.peak,
             "reserved_bytes": peak.reserved,
-            "peak_kind": "cuda max_memory_allocated"
-            if peak.device.startswith("cuda")
-            else "cpu peak RSS above process baseline",
+            "peak_kind": self.memory.kind,
         }
 
     def techniques(self) -> dict:
