@@ -203,6 +203,7 @@ class TokenCounts:
             "real_tokens": int(real),
             "computed_tokens": int(computed),
             "supervised_tokens": int(supervised),
+            "logits_mode": "full" if self.logits_positions is None else "supervised",
             "logits_fraction": logits / computed if computed else None,
         }
 

@@ -184,6 +184,17 @@ class TrainConfig:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "Checkpoint dir, or 'latest' in output_dir."}
     )
+    supervised_logits_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the LM head only at positions whose (shifted) label is supervised "
+            "(transformers' logits_to_keep); same loss, less work. false: full logits."
+        },
+    )
+    loss_kernel: str = field(
+        default="none",
+        metadata={"help": "none, or liger (liger-kernel's fused linear cross-entropy; CUDA)."},
+    )
     exact_peak_memory: bool = field(
         default=False,
         metadata={
@@ -205,6 +216,10 @@ class TrainConfig:
         _require(self.learning_rate > 0, "learning_rate must be > 0")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
+        _require(
+            self.loss_kernel in ("none", "liger"),
+            f"loss_kernel={self.loss_kernel!r} is not one of ('none', 'liger')",
+        )
 
 
 RECIPE_SECTIONS = (ModelConfig, DataConfig, AdapterConfig, TrainConfig)

@@ -33,7 +33,15 @@ from ftkit.config import (
 from ftkit.data import InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
 from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainable_parameters_line
-from ftkit.metrics import example_losses, perplexity, supervised_tokens
+from ftkit.metrics import (
+    check_loss_kernel,
+    example_losses,
+    logits_positions,
+    perplexity,
+    supervised_logits_loss,
+    supervised_tokens,
+    use_supervised_logits,
+)
 from ftkit.modeling import (
     build_model,
     cuda_capability,
@@ -76,6 +84,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
+        check_loss_kernel(recipe.train.loss_kernel)  # before anything loads
         self.memory = PeakMemoryMeter(pin_malloc=recipe.train.exact_peak_memory).start()
         self.accelerator = accelerator or make_accelerator()
         set_seed(recipe.train.seed)
@@ -95,8 +104,10 @@ class Trainer:
             self.trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay
         )
         train_loader, eval_loader = self._loaders()
+        self.supervised_logits = use_supervised_logits(recipe.train.supervised_logits_only, model)
         self.token_counts = batching.TokenCounts(
-            batching.mode_name(self.padding_free, recipe.data.group_by_length)
+            batching.mode_name(self.padding_free, recipe.data.group_by_length),
+            logits_positions if self.supervised_logits else None,
         )
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
             model, optimizer, train_loader, eval_loader
@@ -177,10 +188,21 @@ class Trainer:
         for i, batch in enumerate(window):
             last = i == len(window) - 1
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                outputs = self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)
+                outputs = self.forward_micro_batch(batch, window_tokens)
                 acc.backward(outputs.loss * acc.num_processes)
                 window_loss += outputs.loss.detach()
         return acc.reduce(window_loss, "sum")
+
+    def forward_micro_batch(self, batch, window_tokens):
+        """The micro-batch's loss (``.loss``): summed over its supervised tokens ÷ the window's.
+
+        Supervised-logits mode runs the LM head only at supervised positions; otherwise the model
+        computes full logits and its own loss (``num_items_in_batch``). ``use_cache=False``
+        always: a KV cache would make transformers ignore a flattened row's sequence boundaries.
+        """
+        if self.supervised_logits:
+            return supervised_logits_loss(self.model, batch, window_tokens)
+        return self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)
 
     def optimizer_step(self) -> float | None:
         grad_norm = None
@@ -233,7 +255,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.accelerator.device)
         tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
         for batch in self.eval_loader:
-            sums, counts = self.accelerator.gather_for_metrics(example_losses(self.model, batch))
+            sums, counts = self.accelerator.gather_for_metrics(
+                example_losses(self.model, batch, self.supervised_logits)
+            )
             loss_sum += sums.sum()
             tokens += counts.sum()
         self.model.train()

@@ -271,6 +271,15 @@ def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
     )
 
 
+# The planner models right-padded batches with full logits; the grid measures that path unless
+# the grid's own recipe says otherwise, so its cells stay comparable with the planner.
+PLANNER_BATCHING = {
+    "padding_free": "false",
+    "group_by_length": False,
+    "supervised_logits_only": False,
+}
+
+
 def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> dict:
     """Train one cell in a fresh ``accelerate launch`` process and return its Table 2 row."""
     run_dir = out / "cells" / cell.name
@@ -279,6 +288,7 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
     launch = single_process_flags(ACCELERATE_MIXED_PRECISION[cell.precision], threads)
     recipe = {
         **MEASUREMENT_RECIPE,
+        **PLANNER_BATCHING,
         **grid.recipe,
         "model_name_or_path": setup.model_dirs[cell.base_dtype],
         "model_dtype": cell.base_dtype,
