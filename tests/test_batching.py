@@ -319,3 +319,74 @@ def test_metrics_record_padding_waste_per_mode(tiny_llama_dir, records, tmp_path
     print(waste)
     assert waste["padding_free"] == 1.0
     assert waste["padded"] > waste["group_by_length"] >= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["padding_free", "group_by_length"])
+def test_ddp_two_processes_equal_one_process_with_the_same_batches(
+    tiny_llama_dir, records, tmp_path, mode
+):
+    """2 CPU processes (gloo) x batch 2 x GA 2 == 1 process x batch 2 x GA 4, each step.
+
+    The same per-device batch size gives the same global sequence of batches (Accelerate deals
+    them round robin); 12 records = 6 batches: step 1 is a full window, step 2 a partial one
+    (one micro-batch per rank). The loss is normalised by the window's supervised tokens summed
+    over both processes, so the gradients match the single process's exactly.
+    """
+    from helpers import REPO, accelerate_launch
+
+    fields = {"padding_free": "true"} if mode == "padding_free" else {"group_by_length": True}
+    common = dict(
+        num_samples=12, max_steps=2, per_device_train_batch_size=2, lora_dropout=0.0, **fields
+    )
+    args = []
+    for key, value in {
+        "model_name_or_path": tiny_llama_dir,
+        "dataset": records,
+        "validation_size": 0,
+        "max_length": 320,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0,
+        "gradient_accumulation_steps": 2,
+        "output_dir": tmp_path / "ddp",
+        **common,
+    }.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    done = accelerate_launch(
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(dump),
+        *args,
+        ACCELERATE_USE_CPU="true",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = Trainer(
+        tiny_recipe(
+            tiny_llama_dir, records, tmp_path / "one", gradient_accumulation_steps=4, **common
+        )
+    )
+    model = single.accelerator.unwrap_model(single.model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for step, window in enumerate(single.windows(), start=1):
+        rank0 = torch.load(dump / f"rank0_step{step}.pt")
+        rank1 = torch.load(dump / f"rank1_step{step}.pt")
+        for name in params:
+            assert torch.equal(rank0["grads"][name], rank1["grads"][name]), name
+        single.backward_window(window)
+        diff = max_abs_diff(rank0["grads"], lora_grads(model))
+        print(f"step {step}: max |Δgrad| DDP vs one process = {diff:.2e}")
+        assert diff <= TOL
+        single.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(rank0["weights"][name])
+        if step == 2:
+            break
+    assert any(g.abs().max() > 0 for n, g in rank0["grads"].items() if "lora_A" in n)
