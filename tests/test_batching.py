@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_recipe, write_records
 
 from ftkit import batching, cli
+from ftkit.config import Recipe
 from ftkit.data import IGNORE_INDEX, collator
 from ftkit.errors import ConfigError
 from ftkit.metrics import supervised_tokens
@@ -95,7 +96,9 @@ def test_padding_free_loss_and_grads_equal_the_padded_batch(
     tiny_llama_dir, records, tmp_path, impl
 ):
     common = dict(lora_impl=impl, num_samples=8, per_device_train_batch_size=8)
-    padded = window_results(tiny_recipe(tiny_llama_dir, records, tmp_path, **common))
+    padded = window_results(
+        tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free="false", **common)
+    )
     flat_recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free="true", **common)
     trainer = Trainer(flat_recipe)
     batch = next(trainer.windows())[0]
@@ -175,6 +178,8 @@ def test_padding_free_is_refused_for_alibi_models(tiny_bloom_dir, records, tmp_p
 
 
 def test_padding_free_field_values(tiny_llama_dir, records, tmp_path):
+    assert Recipe().data.padding_free == "auto"  # the default: on where exact (LLaMA here)
+    assert Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path, num_samples=4)).padding_free
     for value, expected in [(True, "true"), ("False", "false"), ("auto", "auto")]:
         recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, padding_free=value)
         assert recipe.data.padding_free == expected
@@ -227,7 +232,13 @@ def test_grouped_epochs_are_permutations_reproducible_and_less_padded(
     def trainer(seed, group=True):
         return Trainer(
             tiny_recipe(
-                tiny_llama_dir, records, tmp_path, num_samples=16, group_by_length=group, seed=seed
+                tiny_llama_dir,
+                records,
+                tmp_path,
+                num_samples=16,
+                group_by_length=group,
+                seed=seed,
+                padding_free="false",
             )
         )
 
@@ -261,6 +272,7 @@ def test_grouped_accumulation_equals_big_batch(tiny_llama_dir, records, tmp_path
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=ga,
             group_by_length=True,
+            padding_free="false",
         )
         results[batch] = window_results(recipe)[0]
     assert_same(results[8], results[4])
@@ -302,8 +314,8 @@ def test_resume_equals_straight_run_across_an_epoch(tiny_llama_dir, records, tmp
 def test_metrics_record_padding_waste_per_mode(tiny_llama_dir, records, tmp_path):
     waste = {}
     for mode, fields in {
-        "padded": {},
-        "group_by_length": {"group_by_length": True},
+        "padded": {"padding_free": "false"},
+        "group_by_length": {"group_by_length": True, "padding_free": "false"},
         "padding_free": {"padding_free": "true"},
     }.items():
         out = tmp_path / mode
@@ -335,7 +347,11 @@ def test_ddp_two_processes_equal_one_process_with_the_same_batches(
     """
     from helpers import REPO, accelerate_launch
 
-    fields = {"padding_free": "true"} if mode == "padding_free" else {"group_by_length": True}
+    fields = (
+        {"padding_free": "true"}
+        if mode == "padding_free"
+        else {"group_by_length": True, "padding_free": "false"}
+    )
     common = dict(
         num_samples=12, max_steps=2, per_device_train_batch_size=2, lora_dropout=0.0, **fields
     )

@@ -70,6 +70,9 @@ def test_the_lab_runs_ask_for_the_exact_peak(monkeypatch, tmp_path):
             Grid.load("quick"), setup, Cell.parse("2x1", "fp32", "peft", False), tmp_path, 1
         )
     assert flag_value(seen[0], "exact_peak_memory") == "true"
+    # and the batching the planner models (right-padded, full logits), unless the grid says else
+    assert flag_value(seen[0], "padding_free") == "false"
+    assert flag_value(seen[0], "supervised_logits_only") == "false"
 
     seen = capture_launch(monkeypatch, compare)
     with pytest.raises(Launched):

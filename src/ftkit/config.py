@@ -109,10 +109,11 @@ class DataConfig:
     )
 
     padding_free: str = field(
-        default="false",
+        default="auto",
         metadata={
             "help": "true: each micro-batch is one flattened row with position_ids (no padding); "
-            "auto: on where exact (not for ALiBi models such as BLOOM); false: right-padded."
+            "auto (default): on where exact, off for ALiBi models such as BLOOM; false: "
+            "right-padded batches."
         },
     )
 
