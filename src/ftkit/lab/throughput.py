@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -110,6 +111,70 @@ def run_mode(name: str, args, model_dir: Path, data: Path, run_dir: Path) -> dic
     }
 
 
+def interleaved_steps(args, model_dir: Path, data: Path, out: Path) -> list[dict]:
+    """One process, one Trainer per mode, each mode's epoch timed in turn, round after round.
+
+    Interleaving whole epochs of every mode inside one process cancels the drift of a shared
+    machine's load, which swamps separate processes; CPU time (``process_time``, all threads)
+    is reported beside wall time because it barely moves with other users' load.
+    """
+    import time
+
+    from ftkit.config import Recipe
+    from ftkit.train import Trainer
+
+    trainers = {}
+    for i, name in enumerate(args.modes):
+        values = {
+            **Recipe().to_dict(),
+            "model_name_or_path": str(model_dir),
+            "dataset": str(data),
+            "validation_size": 0,
+            "max_length": args.max_length,
+            "per_device_train_batch_size": args.batch_size,
+            "lora_impl": args.lora_impl,
+            "lora_dropout": 0.0,
+            "output_dir": str(out / "inprocess" / f"m{i}"),
+            **MODES[name],
+        }
+        trainer = Trainer(Recipe.from_dict(values))
+        trainer.train_loader.set_epoch(0)
+        windows = [[batch] for batch in trainer.train_loader]
+        trainers[name] = (trainer, windows)
+    rows = []
+    for round_ in range(args.rounds + 1):  # round 0: one warm-up step per mode, not reported
+        for name, (trainer, windows) in trainers.items():
+            trainer.model.train()
+            wall, cpu = time.perf_counter(), time.process_time()
+            for window in windows if round_ else windows[:1]:
+                trainer.backward_window(window)
+                trainer.optimizer_step()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for w in windows for b in w)
+            computed = sum(b["input_ids"].numel() for w in windows for b in w)
+            real = sum(int(batching_real(b)) for w in windows for b in w)
+            row = {
+                "mode": name,
+                "round": round_,
+                "supervised_tokens_per_s": supervised / wall,
+                "supervised_tokens_per_cpu_s": supervised / cpu,
+                "epoch_wall_s": wall,
+                "epoch_cpu_s": cpu,
+                "padding_waste": computed / real,
+                "supervised_tokens": supervised,
+            }
+            print(json.dumps(row), flush=True)
+            if round_:
+                rows.append(row)
+    return rows
+
+
+def batching_real(batch):
+    from ftkit.batching import real_tokens
+
+    return real_tokens(batch)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     by_mode: dict[str, list[dict]] = {}
     for row in rows:
@@ -121,6 +186,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     base = table[0]["supervised_tokens_per_s"]
     for row in table:
         row["speedup"] = row["supervised_tokens_per_s"] / base
+        row.pop("round", None)
     return table
 
 
@@ -144,8 +210,38 @@ def report(table: list[dict], args, command: str, machine: str) -> str:
             f"| {row['step_time_s']:.2f} | {row['padding_waste']:.2f} "
             f"| {100 * row['logits_fraction']:.0f} % | {row['peak_bytes'] / 2**20:.0f} |"
         )
-    tokens = {row["supervised_tokens"] for row in table}
+    tokens = {int(row["supervised_tokens"]) for row in table}
     lines += ["", f"Supervised tokens per run: {sorted(tokens)} (the same records in every mode)."]
+    return "\n".join(lines) + "\n"
+
+
+def report_interleaved(table: list[dict], args, command: str, machine: str) -> str:
+    base = table[0]
+    lines = [
+        "# Batching and logits modes on CPU (one process, interleaved epochs)",
+        "",
+        f"Machine: {machine}, shared with other users while this ran. Command: `{command}`.",
+        f"LLaMA-shaped model from config (hidden {args.hidden}, {args.layers} layers, the real "
+        f"32,000-token LLaMA-2 tokenizer), the first {args.records} Alpaca records, {args.lora_impl} "
+        f"LoRA r 8 q/v, fp32, batch {args.batch_size}, max_length {args.max_length}. One Trainer "
+        f"per mode in one process; each round times one epoch (forward, backward, AdamW step) of "
+        f"every mode in turn; {args.rounds} rounds after a warm-up round, medians. Every mode "
+        "trains the same records, so the same supervised tokens.",
+        "",
+        "| mode | supervised tok/s (wall) | × padded | supervised tok / CPU-s | × padded "
+        "| padding waste |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        lines.append(
+            f"| {row['mode']} | {row['supervised_tokens_per_s']:.0f} "
+            f"| {row['supervised_tokens_per_s'] / base['supervised_tokens_per_s']:.2f} "
+            f"| {row['supervised_tokens_per_cpu_s']:.0f} "
+            f"| {row['supervised_tokens_per_cpu_s'] / base['supervised_tokens_per_cpu_s']:.2f} "
+            f"| {row['padding_waste']:.2f} |"
+        )
+    tokens = sorted({int(row["supervised_tokens"]) for row in table})
+    lines += ["", f"Supervised tokens per epoch: {tokens}."]
     return "\n".join(lines) + "\n"
 
 
@@ -164,6 +260,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora_impl", default="peft")
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=list(MODES))
+    parser.add_argument(
+        "--processes",
+        action="store_true",
+        help="each run in its own accelerate launch process (peak RSS per mode; noisy on a "
+        "shared machine) instead of interleaved epochs in one process",
+    )
     args = parser.parse_args(argv)
     from ftkit.lab.ablation import machine
 
@@ -172,19 +274,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model_dir = build_model(out, args.tokenizer, args.hidden, args.layers)
     data = write_records(args.dataset, args.records, out / "records.json")
     rows = []
-    for round_ in range(args.rounds):
+    if not args.processes:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        rows = interleaved_steps(args, model_dir, data, out)
+    for round_ in range(args.rounds if args.processes else 0):
         for i, name in enumerate(args.modes):
             row = run_mode(name, args, model_dir, data, out / "runs" / f"r{round_}-m{i}")
             print(json.dumps(row), flush=True)
             rows.append(row)
     table = summarise(rows)
-    command = " ".join(["python -m ftkit.lab.throughput", *(argv or sys.argv[1:])])
-    text = report(table, args, command, machine())
+    command = shlex.join(["python", "-m", "ftkit.lab.throughput", *(argv or sys.argv[1:])])
+    text = (report if args.processes else report_interleaved)(table, args, command, machine())
+    stem = "throughput-processes" if args.processes else "throughput"
     for where in {out, Path(args.results_dir)} if args.results_dir else {out}:
         where.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(where / "throughput.md", text)
+        atomic_write_text(where / f"{stem}.md", text)
         atomic_write_text(
-            where / "throughput.json", json.dumps({"rows": rows, "table": table}, indent=2) + "\n"
+            where / f"{stem}.json", json.dumps({"rows": rows, "table": table}, indent=2) + "\n"
         )
     print(text)
     return table
