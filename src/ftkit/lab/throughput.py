@@ -247,8 +247,8 @@ def report_interleaved(table: list[dict], args, command: str, machine: str) -> s
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m ftkit.lab.throughput")
-    parser.add_argument("--dataset", default="../shared/data/alpaca_5000.json")
-    parser.add_argument("--tokenizer", default="../shared/fixtures/llama2-tokenizer")
+    parser.add_argument("--dataset", required=True, help="Alpaca JSON (the real records)")
+    parser.add_argument("--tokenizer", required=True, help="the LLaMA-2 tokenizer directory")
     parser.add_argument("--output_dir", default="outputs/throughput")
     parser.add_argument("--results_dir", default=None, help="also write the report here")
     parser.add_argument("--records", type=int, default=64)
