@@ -168,6 +168,71 @@ def test_changing_one_sequence_leaves_the_others_alone_only_without_a_cache(
     assert cached_diff > 1e-3
 
 
+def _tiny_config(model_type: str):
+    import transformers as tf
+
+    small = dict(vocab_size=300, num_hidden_layers=2, num_attention_heads=4)
+    configs = {
+        "llama": (tf.LlamaConfig, dict(hidden_size=32, intermediate_size=64)),
+        "mistral": (
+            tf.MistralConfig,
+            dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2),
+        ),
+        "qwen2": (
+            tf.Qwen2Config,
+            dict(hidden_size=32, intermediate_size=64, num_key_value_heads=2),
+        ),
+        "gemma": (
+            tf.GemmaConfig,
+            dict(hidden_size=32, intermediate_size=64, head_dim=8, num_key_value_heads=1),
+        ),
+        "phi": (tf.PhiConfig, dict(hidden_size=32, intermediate_size=64)),
+        "phi3": (tf.Phi3Config, dict(hidden_size=32, intermediate_size=64, pad_token_id=0)),
+        "gpt2": (tf.GPT2Config, dict(n_embd=32, n_layer=2, n_head=4, vocab_size=300)),
+        "opt": (tf.OPTConfig, dict(hidden_size=32, ffn_dim=64, word_embed_proj_dim=32)),
+        "bloom": (tf.BloomConfig, dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=300)),
+    }
+    cls, values = configs[model_type]
+    if model_type in ("gpt2", "bloom"):
+        return cls(**values)
+    return cls(**small, **values)
+
+
+@pytest.mark.parametrize("model_type", [*batching.PADDING_FREE_EXACT, "opt", "bloom"])
+def test_padding_free_exactness_per_architecture(model_type):
+    """The allow-list is measured: flattened rows isolate sequences exactly for the listed
+    types; for OPT and BLOOM they do not, and padding_free true is refused there."""
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(model_type)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    features = [
+        {
+            "input_ids": torch.randint(3, 300, (n,), generator=generator).tolist(),
+            "labels": [-100] * n,
+        }
+        for n in (7, 9, 6)
+    ]
+    changed = [
+        features[0],
+        {**features[1], "input_ids": [(t + 5) % 297 + 3 for t in features[1]["input_ids"]]},
+        features[2],
+    ]
+    rows = [_row_logits(model, f, use_cache=False) for f in (features, changed)]
+    moved = float((rows[0][16:] - rows[1][16:]).abs().max())  # the third sequence
+    if model_type in batching.PADDING_FREE_EXACT:
+        assert moved == 0.0
+        assert batching.resolve_padding_free("auto", config) is True
+    else:
+        assert moved > 1e-4
+        assert batching.resolve_padding_free("auto", config) is False
+        with pytest.raises(ConfigError, match=f"not exact for {model_type}"):
+            batching.resolve_padding_free("true", config)
+
+
 def test_padding_free_is_refused_for_alibi_models(tiny_bloom_dir, records, tmp_path, capsys):
     with pytest.raises(ConfigError, match="ALiBi"):
         Trainer(tiny_recipe(tiny_bloom_dir, records, tmp_path, padding_free="true"))

@@ -32,10 +32,17 @@ from ftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Position encodings that do not come from position_ids: a flattened row cannot restart them
-# per sequence, so padding-free batches would not be exact. BLOOM/MPT: ALiBi from the attention
-# mask; Falcon with alibi=True likewise.
-_NO_POSITION_IDS = {"bloom": "ALiBi", "mpt": "ALiBi"}
+# Model types whose flattened rows are exact in transformers 5.24 (position ids restart the
+# positions and drive the block-diagonal mask): each is proven by a tiny model in
+# tests/test_batching.py (changing one sequence leaves the others' logits bit-identical).
+PADDING_FREE_EXACT = ("llama", "mistral", "qwen2", "gemma", "phi", "phi3", "gpt2")
+# Known not to be exact, and why (also proven there): the flattened row's attention or positions
+# cross sequence boundaries.
+_NOT_EXACT = {
+    "bloom": "their ALiBi position bias is built from the attention mask, not from position_ids",
+    "mpt": "their ALiBi position bias is built from the attention mask, not from position_ids",
+    "opt": "their learned positions come from the attention mask, not from position_ids",
+}
 
 
 def flattening_collator() -> DataCollatorWithFlattening:
@@ -44,18 +51,20 @@ def flattening_collator() -> DataCollatorWithFlattening:
 
 
 def padding_free_problem(model_config) -> str | None:
-    """Why padding-free batches would not be exact for this model, or None."""
+    """Why padding-free batches would not be exact (or are not proven exact) here, or None."""
     model_type = getattr(model_config, "model_type", "")
-    scheme = _NO_POSITION_IDS.get(model_type)
-    if scheme is None and getattr(model_config, "alibi", False):
-        scheme = "ALiBi"
-    if scheme is None:
+    if model_type in PADDING_FREE_EXACT and not getattr(model_config, "alibi", False):
         return None
+    why = _NOT_EXACT.get(model_type) or (
+        "their ALiBi position bias is built from the attention mask, not from position_ids"
+        if getattr(model_config, "alibi", False)
+        else f"ftkit has not proven flattened rows exact for them (proven: "
+        f"{', '.join(PADDING_FREE_EXACT)})"
+    )
     return (
-        f"padding_free is not exact for {model_type} models: their {scheme} position bias is "
-        "built from the attention mask, not from position_ids, so a flattened row cannot restart "
-        "it per sequence and attention would cross sequence boundaries; set padding_free false "
-        "(and group_by_length true to cut padding instead)"
+        f"padding_free is not exact for {model_type} models: {why}, so attention in a flattened "
+        "row could cross sequence boundaries; set padding_free false or auto (and group_by_length "
+        "true to cut padding instead)"
     )
 
 
@@ -74,7 +83,7 @@ def resolve_padding_free(setting: str, model_config) -> bool:
     if setting == "true" and problem:
         raise ConfigError(problem)
     if setting == "auto" and problem:
-        logger.info("padding_free auto: off for %s", getattr(model_config, "model_type", "?"))
+        logger.info("padding_free auto: off (%s)", problem.split(", so ")[0])
     return problem is None
 
 

@@ -112,8 +112,8 @@ class DataConfig:
         default="auto",
         metadata={
             "help": "true: each micro-batch is one flattened row with position_ids (no padding); "
-            "auto (default): on where exact, off for ALiBi models such as BLOOM; false: "
-            "right-padded batches."
+            "auto (default): on for model types proven exact (LLaMA, Mistral, Qwen2, Gemma, "
+            "Phi, GPT-2), off elsewhere (BLOOM, OPT); false: right-padded batches."
         },
     )
 
