@@ -15,7 +15,7 @@ RECIPE_ARGS ?=
 
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
-.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench ablation estimate gpu-check clean
+.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput ablation estimate gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ ablation: install
 
 bench: install
 	$(PY) -m ftkit bench --dataset $(SHARED_ALPACA) --output_dir outputs/bench
+
+bench-throughput: install  # padded vs grouped vs padding-free, full vs supervised logits
+	$(PY) -m ftkit.lab.throughput --dataset $(SHARED_ALPACA) \
+		--tokenizer ../shared/fixtures/llama2-tokenizer \
+		--output_dir outputs/throughput --results_dir results/throughput-cpu
 
 estimate: install
 	$(PY) -m ftkit estimate --paper

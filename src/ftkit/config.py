@@ -50,6 +50,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _tristate(name: str, value) -> str:
+    """``true`` / ``false`` / ``auto`` from a YAML bool or a command-line string."""
+    text = str(value).strip().lower()
+    text = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false"}.get(text, text)
+    _require(text in ("true", "false", "auto"), f"{name}={value!r} is not true, false or auto")
+    return text
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load, and how to hold its frozen weights."""
@@ -111,7 +119,25 @@ class DataConfig:
         metadata={"help": "Skip malformed records (logging their count) instead of failing."},
     )
 
+    padding_free: str = field(
+        default="auto",
+        metadata={
+            "help": "true: each micro-batch is one flattened row with position_ids (no padding); "
+            "auto (default): on for model types proven exact (LLaMA, Mistral, Qwen2, Gemma, "
+            "Phi, GPT-2), off elsewhere (BLOOM, OPT); false: right-padded batches."
+        },
+    )
+
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch records of similar length (random mega-batches sorted by length, "
+            "batches shuffled; seeded per epoch): far less padding than random batches."
+        },
+    )
+
     def __post_init__(self):
+        self.padding_free = _tristate("padding_free", self.padding_free)
         _require(self.num_samples >= 0, f"num_samples must be >= 0, got {self.num_samples}")
         _require(
             self.data_format in DATA_FORMATS,
@@ -200,6 +226,25 @@ class TrainConfig:
         default=False,
         metadata={"help": "Create the Hub repo private (false: the Hub's default)."},
     )
+    supervised_logits_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the LM head only at positions whose (shifted) label is supervised "
+            "(transformers' logits_to_keep); same loss, less work. false: full logits."
+        },
+    )
+    loss_kernel: str = field(
+        default="none",
+        metadata={"help": "none, or liger (liger-kernel's fused linear cross-entropy; CUDA)."},
+    )
+    exact_peak_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "CPU: pin glibc's mmap threshold so the peak RSS follows live tensors "
+            "(exact, for the ablation grid and benchmarks; costs step time). Off: the kernel's "
+            "high-water mark, allocator-dependent, at no cost."
+        },
+    )
 
     def __post_init__(self):
         _require(self.max_steps != 0, "max_steps must be > 0, or -1 to train by epochs")
@@ -222,6 +267,10 @@ class TrainConfig:
             from ftkit.hub import check_hub_fields
 
             check_hub_fields(self.push_to_hub, self.hub_model_id)
+        _require(
+            self.loss_kernel in ("none", "liger"),
+            f"loss_kernel={self.loss_kernel!r} is not one of ('none', 'liger')",
+        )
 
 
 RECIPE_SECTIONS = (ModelConfig, DataConfig, AdapterConfig, TrainConfig)

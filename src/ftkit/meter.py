@@ -222,9 +222,12 @@ class PeakMemoryMeter:
     (:func:`_reset_rss_high_water_mark`) so earlier spikes do not count.  Library pages only
     grow, so the mark minus the library pages at ``read`` is low by at most the code first
     touched after the peak.  Every grid setting still runs in its own process, so allocator
-    state left by another setting cannot leak into its figure.  ``start`` also pins glibc's
-    mmap threshold (see :func:`_pin_glibc_mmap_threshold`) so that RSS follows live tensors as
-    ``max_memory_allocated`` does on CUDA rather than what the allocator kept.
+    state left by another setting cannot leak into its figure.  With ``pin_malloc`` ``start``
+    also pins glibc's mmap threshold (see :func:`_pin_glibc_mmap_threshold`) so that RSS follows
+    live tensors as ``max_memory_allocated`` does on CUDA rather than what the allocator kept;
+    that costs ~25 % of a training step's time on CPU, so training asks for it only with
+    ``exact_peak_memory`` (the lab's grid and benchmarks do) and otherwise reports the plain
+    high-water mark.
     Without /proc (not Linux) it falls back to ``ru_maxrss`` minus the RSS at start, exact only
     when the peak rose above the mark the process already had.
     """
@@ -234,6 +237,7 @@ class PeakMemoryMeter:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.pin_malloc = pin_malloc
+        self.pinned = False  # CPU: glibc's mmap threshold was pinned at start
         self.mark_reset = False  # CPU: the kernel's high-water mark was reset at start
         self._start: tuple[int, int] | None = None
 
@@ -247,7 +251,7 @@ class PeakMemoryMeter:
             )
         else:
             if self.pin_malloc:
-                _pin_glibc_mmap_threshold()
+                self.pinned = _pin_glibc_mmap_threshold()
             resident = _reset_rss_high_water_mark() and _resident_bytes()
             self.mark_reset = bool(resident)
             if resident:
@@ -256,6 +260,18 @@ class PeakMemoryMeter:
             else:
                 self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
         return self
+
+    @property
+    def kind(self) -> str:
+        """What the peak figure is, for ``metrics.json`` (``peak_kind``)."""
+        if self.device.type == "cuda":
+            return "cuda max_memory_allocated"
+        if self.pinned:
+            return "cpu peak RSS above process baseline, exact: glibc mmap threshold pinned"
+        return (
+            "cpu peak RSS above process baseline (allocator-dependent: memory glibc keeps "
+            "after frees counts; exact_peak_memory true pins it)"
+        )
 
     def read(self) -> PeakMemory:
         if self._start is None:

@@ -85,6 +85,13 @@ def summary(metrics: dict, output_dir: Path) -> str:
             f"eval loss: {before:.4f} -> {after:.4f} ({100 * (after - before) / before:+.1f} %)"
             f"  perplexity: {metrics['eval_perplexity_before']:.2f} -> {metrics['eval_perplexity']:.2f}"
         )
+    speed = metrics.get("throughput") or {}
+    if speed.get("tokens_per_s"):
+        lines.append(
+            f"throughput: {speed['tokens_per_s']:.0f} tokens/s "
+            f"({speed['supervised_tokens_per_s']:.0f} supervised)  batching: {speed['batching']}"
+            f"  padding waste: {speed['padding_waste']:.2f}"
+        )
     lines.append(f"techniques: {json.dumps(metrics['techniques'])}")
     lines.append(f"artefacts: {output_dir}")
     return "\n".join(lines)

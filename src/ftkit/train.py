@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, card, checkpoint, engines, hub, reporting, tracking
+from ftkit import adapters, batching, card, checkpoint, engines, hub, reporting, tracking
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
@@ -33,7 +33,15 @@ from ftkit.config import (
 from ftkit.data import InstructionData, build_datasets, collator
 from ftkit.errors import FtkitError
 from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainable_parameters_line
-from ftkit.metrics import example_losses, perplexity, supervised_tokens
+from ftkit.metrics import (
+    check_loss_kernel,
+    example_losses,
+    logits_positions,
+    perplexity,
+    supervised_logits_loss,
+    supervised_tokens,
+    use_supervised_logits,
+)
 from ftkit.modeling import (
     build_model,
     check_precision_combination,
@@ -84,15 +92,17 @@ class Trainer:
         self.recipe = recipe
         # Before anything loads: a missing tracker package or an impossible upload is one line now.
         hub.check_can_push(recipe.train)
+        check_loss_kernel(recipe.train.loss_kernel)
         tracker_kwargs = tracking.accelerator_kwargs(recipe.train)
         # Then, before any process group exists: materialising the embedded base needs no
         # collective and writes complete weights from every rank and node (its own file lock).
         self.base_path = resolve_model_path(recipe.model.model_name_or_path)
-        self.memory = PeakMemoryMeter().start()
+        self.memory = PeakMemoryMeter(pin_malloc=recipe.train.exact_peak_memory).start()
         self.accelerator = accelerator or make_accelerator(**tracker_kwargs)
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
         self.tokenizer = load_tokenizer(self.base_path)
+        self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
@@ -113,6 +123,11 @@ class Trainer:
         )
         train_loader, eval_loader = self._loaders()
         engines.configure_deepspeed(self.accelerator, recipe.train.max_grad_norm)
+        self.supervised_logits = use_supervised_logits(recipe.train.supervised_logits_only, model)
+        self.token_counts = batching.TokenCounts(
+            batching.mode_name(self.padding_free, recipe.data.group_by_length),
+            logits_positions if self.supervised_logits else None,
+        )
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -134,13 +149,15 @@ class Trainer:
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         pad = collator(self.tokenizer)
         cfg = self.recipe.train
-        generator = torch.Generator().manual_seed(cfg.seed)
         train = DataLoader(
             self.data.train,
-            batch_size=cfg.per_device_train_batch_size,
-            shuffle=True,
-            collate_fn=pad,
-            generator=generator,
+            **batching.train_loader_kwargs(
+                self.data.train,
+                cfg.per_device_train_batch_size,
+                cfg.seed,
+                self.recipe.data.group_by_length,
+                batching.flattening_collator() if self.padding_free else pad,
+            ),
         )
         evaluation = DataLoader(
             self.data.eval, batch_size=cfg.per_device_eval_batch_size, collate_fn=pad
@@ -197,12 +214,23 @@ class Trainer:
                 # is a no-op for ZeRO >= 2): mark the window's end. Nothing else reads it here.
                 acc.sync_gradients = last
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    outputs = self.model(**batch, num_items_in_batch=window_tokens)
+                    outputs = self.forward_micro_batch(batch, window_tokens)
                     acc.backward(outputs.loss * factor)
                     window_loss += outputs.loss.detach()
         finally:
             acc.sync_gradients = True
         return acc.reduce(window_loss, "sum")
+
+    def forward_micro_batch(self, batch, window_tokens):
+        """The micro-batch's loss (``.loss``): summed over its supervised tokens ÷ the window's.
+
+        Supervised-logits mode runs the LM head only at supervised positions; otherwise the model
+        computes full logits and its own loss (``num_items_in_batch``). ``use_cache=False``
+        always: a KV cache would make transformers ignore a flattened row's sequence boundaries.
+        """
+        if self.supervised_logits:
+            return supervised_logits_loss(self.model, batch, window_tokens)
+        return self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)
 
     def optimizer_step(self) -> float | None:
         grad_norm = None
@@ -234,8 +262,9 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         grad_norm = self.optimizer_step()
         self.progress.advance(len(window))
-        real_tokens = float(acc.reduce(sum(b["attention_mask"].sum() for b in window), "sum"))
+        real_tokens = float(acc.reduce(sum(batching.real_tokens(b) for b in window), "sum"))
         elapsed = time.perf_counter() - step_start
+        self.token_counts.add(window, elapsed)
         return {
             "step": step,
             "loss": loss,
@@ -257,7 +286,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.accelerator.device)
         tokens = torch.zeros((), device=self.accelerator.device, dtype=torch.long)
         for batch in self.eval_loader:
-            sums, counts = self.accelerator.gather_for_metrics(example_losses(self.model, batch))
+            sums, counts = self.accelerator.gather_for_metrics(
+                example_losses(self.model, batch, self.supervised_logits)
+            )
             loss_sum += sums.sum()
             tokens += counts.sum()
         self.model.train()
@@ -317,6 +348,7 @@ class Trainer:
             "eval_records": len(self.data.eval),
             "techniques": self.techniques(),
             "memory": self.memory_figures(),
+            "throughput": self.token_counts.figures(acc),
         }
         self.save_artifacts()
         if acc.is_main_process:
@@ -344,9 +376,7 @@ class Trainer:
             "activations_bytes": split.activations,
             "peak_bytes": split.peak,
             "reserved_bytes": peak.reserved,
-            "peak_kind": "cuda max_memory_allocated"
-            if peak.device.startswith("cuda")
-            else "cpu peak RSS above process baseline",
+            "peak_kind": self.memory.kind,
         }
 
     def techniques(self) -> dict:

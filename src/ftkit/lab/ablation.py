@@ -36,7 +36,12 @@ from ftkit.config import (
 from ftkit.embedded import ASSETS_DIR
 from ftkit.errors import ConfigError, FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
-from ftkit.lab.launch import launch_recipe, single_process_flags
+from ftkit.lab.launch import (
+    MEASUREMENT_RECIPE,
+    launch_recipe,
+    recipe_flags,
+    single_process_flags,
+)
 from ftkit.lab.planner import TrainingPlan, estimate
 from ftkit.meter import MIB, cpu_has_native_bf16
 
@@ -248,11 +253,7 @@ def prepare(grid: Grid, out: Path) -> Setup:
 
 
 def _flags(values: dict) -> list[str]:
-    args = []
-    for key, value in values.items():
-        items = value if isinstance(value, list) else [value]
-        args += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
-    return args
+    return recipe_flags(values)
 
 
 def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
@@ -270,6 +271,15 @@ def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
     )
 
 
+# The planner models right-padded batches with full logits; the grid measures that path unless
+# the grid's own recipe says otherwise, so its cells stay comparable with the planner.
+PLANNER_BATCHING = {
+    "padding_free": "false",
+    "group_by_length": False,
+    "supervised_logits_only": False,
+}
+
+
 def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> dict:
     """Train one cell in a fresh ``accelerate launch`` process and return its Table 2 row."""
     run_dir = out / "cells" / cell.name
@@ -277,6 +287,8 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
         raise ConfigError("fp16 cells need CUDA; on CPU use fp32 and bf16")
     launch = single_process_flags(ACCELERATE_MIXED_PRECISION[cell.precision], threads)
     recipe = {
+        **MEASUREMENT_RECIPE,
+        **PLANNER_BATCHING,
         **grid.recipe,
         "model_name_or_path": setup.model_dirs[cell.base_dtype],
         "model_dtype": cell.base_dtype,

@@ -17,7 +17,12 @@ from safetensors.torch import load_file
 from ftkit.adapters import WEIGHTS_NAME
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_text
-from ftkit.lab.launch import launch_recipe, single_process_flags
+from ftkit.lab.launch import (
+    MEASUREMENT_RECIPE,
+    launch_recipe,
+    recipe_flags,
+    single_process_flags,
+)
 
 IMPLS = ("ftkit", "peft")
 
@@ -37,7 +42,7 @@ def run_impl(
     out = output_dir / impl
     run = launch_recipe(
         ["--config_file", accelerate_config] if accelerate_config else single_process_flags(),
-        [*recipe_args, "--lora_impl", impl],
+        [*recipe_flags(MEASUREMENT_RECIPE), *recipe_args, "--lora_impl", impl],
         out,
         name=f"the {impl} run",
     )

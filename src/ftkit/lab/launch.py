@@ -34,6 +34,20 @@ class RecipeRun:
         return statistics.median(row[key] for row in self.steps[1:] or self.steps)
 
 
+# Recipe fields every lab measurement sets (before the grid's or the user's own, which win):
+# the exact CPU peak (glibc's mmap threshold pinned), which a normal training run does not pay for.
+MEASUREMENT_RECIPE = {"exact_peak_memory": True}
+
+
+def recipe_flags(values: dict) -> list[str]:
+    """``--field value`` flags of a flat recipe mapping (lists as several values)."""
+    args = []
+    for key, value in values.items():
+        items = value if isinstance(value, list) else [value]
+        args += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
+    return args
+
+
 def single_process_flags(mixed_precision: str = "no", threads: int | None = None) -> list[str]:
     """``accelerate launch`` flags for one process on this machine, every value given explicitly
     (no config file needed, and no "values were not passed" warning block)."""
