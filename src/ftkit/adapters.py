@@ -187,6 +187,12 @@ class Adapter:
             config_path = path / config_name
             if config_path.is_file():
                 config = _read_json(config_path)
+                if not any((path / name).is_file() for name in (WEIGHTS_NAME, "adapter_model.bin")):
+                    raise AdapterError(
+                        f"{path} has {config_name} but its weights file {WEIGHTS_NAME} is "
+                        "missing (deleted, or the run did not finish); pass a complete adapter "
+                        "dir, or train again"
+                    )
                 return cls(path, adapter_format, config.get("base_model_name_or_path"))
         raise AdapterError(
             f"{path} holds neither {PEFT_CONFIG_NAME} nor {FTKIT_CONFIG_NAME}: it is no saved "

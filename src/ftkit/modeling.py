@@ -26,7 +26,14 @@ def resolve_model_path(name_or_path: str) -> str:
         return embedded_model_path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser().resolve())
+        path = Path(name_or_path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            what = "a directory without config.json" if path.is_dir() else "a file"
+            raise ModelError(
+                f"model path {name_or_path} is {what}, not a model: give the directory "
+                "save_pretrained wrote (config.json + weights), a Hub id, or ftkit:tiny-llama"
+            )
+        return str(path)
     if looks_local:
         raise ModelError(
             f"model path not found: {name_or_path} (give an existing directory with config.json, "

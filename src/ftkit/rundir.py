@@ -53,6 +53,10 @@ NOT_IDENTITY = frozenset(
         "save_total_limit",
         "per_device_eval_batch_size",
         "gradient_checkpointing",  # recomputes the same activations
+        "report_to",
+        "push_to_hub",
+        "hub_model_id",
+        "hub_private_repo",
     }
 )
 
@@ -160,10 +164,19 @@ def foreign_entries(output_dir: Path, marker: RunMarker | None) -> list[str]:
     )
 
 
-def claim(output_dir, recipe, *, overwrite: bool, resuming: bool) -> RunMarker:
+def claim(
+    output_dir,
+    recipe,
+    *,
+    overwrite: bool,
+    resuming: bool,
+    dry_run: bool = False,
+    split: dict | None = None,
+) -> RunMarker | None:
     """Make ``output_dir`` this run's, or refuse; returns the marker now in place.
 
-    Call on the main process only, before anything is written into the dir.
+    Call on the main process only, before anything is written into the dir. ``dry_run`` only
+    checks (every process may, before the model loads) and changes nothing.
     """
     output_dir = Path(output_dir)
     fields = identity_fields(recipe)
@@ -201,8 +214,12 @@ def claim(output_dir, recipe, *, overwrite: bool, resuming: bool) -> RunMarker:
                 "--resume_from_checkpoint latest to continue, or --overwrite_output_dir true to "
                 "start over"
             )
+        if dry_run:
+            return marker
         remove_run(output_dir, marker)
-    marker = RunMarker(ours, fields, [RUN_MARKER, *WRITTEN_DURING_TRAINING])
+    if dry_run:
+        return None
+    marker = RunMarker(ours, fields, [RUN_MARKER, *WRITTEN_DURING_TRAINING], split)
     output_dir.mkdir(parents=True, exist_ok=True)
     marker.write(output_dir)
     return marker
@@ -272,6 +289,9 @@ def commit(output_dir, write: Callable[[Path], None]) -> list[str]:
     output_dir = Path(output_dir)
     with staging(output_dir) as stage:
         write(stage)
+        from ftkit.io import umask_modes
+
+        umask_modes(stage)
         staged = sorted(p.name for p in stage.iterdir())
         marker = read_marker(output_dir)
         if marker is not None:
@@ -288,6 +308,14 @@ def commit(output_dir, write: Callable[[Path], None]) -> list[str]:
             marker.complete = True
             marker.write(output_dir)
     return staged
+
+
+def record_artefacts(output_dir, names) -> None:
+    """Add ``names`` (written into ``output_dir`` by ftkit) to the run marker (main process)."""
+    marker = read_marker(output_dir)
+    if marker is not None:
+        marker.artefacts = sorted(set(marker.artefacts) | set(names))
+        marker.write(output_dir)
 
 
 def record_split(output_dir, split: dict) -> None:
@@ -366,3 +394,52 @@ def write_merge_marker(directory: Path) -> None:
     from ftkit.io import atomic_write_json
 
     atomic_write_json(Path(directory) / MERGE_MARKER, {"format": "ftkit-merged", "files": files})
+
+
+# -- the held-out split's identity -----------------------------------------------------------------
+
+
+def _digest(*datasets) -> str:
+    h = hashlib.sha256()
+    for dataset in datasets:
+        columns = dataset.select_columns(["input_ids", "labels"]).to_dict() if len(dataset) else {}
+        h.update(json.dumps(columns, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def split_identity(data) -> dict:
+    """Fingerprints of all the (tokenised) records and of the held-out ones, and their counts."""
+    return {
+        "data": _digest(data.train, data.eval),
+        "held_out": _digest(data.eval),
+        "train_records": len(data.train),
+        "held_out_records": len(data.eval),
+    }
+
+
+def check_split(run_dir, data, allow_changed: bool = False) -> None:
+    """Refuse (or, with ``allow_changed``, warn loudly) when the rebuilt split is not the run's."""
+    marker = read_marker(run_dir)
+    recorded = marker.split if marker else None
+    if not recorded:
+        logger.warning(
+            "%s records no held-out split identity (an older ftkit wrote it): cannot check that "
+            "the rebuilt held-out records are the ones the run held out",
+            run_dir,
+        )
+        return
+    now = split_identity(data)
+    if now["data"] == recorded["data"] and now["held_out"] == recorded["held_out"]:
+        return
+    message = (
+        f"the data has changed since the run in {run_dir} was trained ({recorded['train_records']}"
+        f" + {recorded['held_out_records']} records then, {now['train_records']} + "
+        f"{now['held_out_records']} now): the rebuilt held-out split is not the one the run held "
+        "out, and some of its records may have been trained on"
+    )
+    if not allow_changed:
+        raise ConfigError(
+            f"{message}; restore the training file, pass --dataset a held-out file, or pass "
+            "--allow_changed_split true to score anyway"
+        )
+    logger.warning("!!! %s; scoring anyway (--allow_changed_split) !!!", message)
