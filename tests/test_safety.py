@@ -272,17 +272,19 @@ def test_a_planted_pickle_in_a_checkpoint_does_not_run(tiny_llama_dir, records, 
     common = dict(max_steps=2, save_steps=1)
     Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path / "run", **common)).fit()
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-1"
-    state = json.loads((ckpt / "ftkit_state.json").read_text())  # ftkit's state is data
+    assert not list(ckpt.glob("*.pkl"))  # ftkit's own state is data
+    state = json.loads((ckpt / "ftkit_state.json").read_text())
     assert {"progress", "scheduler", "fingerprint", "world_size"} <= state.keys()
-    assert not list(ckpt.glob("*.pkl"))
     ran = tmp_path / "payload-ran"
     torch.save({"state": _Payload(ran)}, ckpt / planted)
     recipe = tiny_recipe(
         tiny_llama_dir, records, tmp_path / "run", **common, resume_from_checkpoint=str(ckpt)
     )
-    with pytest.raises(FtkitError, match=f"holds pickle files \\({planted}\\)"):
-        Trainer(recipe).fit()
-    assert not ran.exists()
+    try:
+        with pytest.raises(FtkitError, match=f"holds pickle files \\({planted}\\)"):
+            Trainer(recipe).fit()
+    finally:
+        assert not ran.exists(), "the planted pickle ran"
 
 
 # -- 8. values that would train nothing, or the wrong thing; bad input is one line before loading --

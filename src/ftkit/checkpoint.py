@@ -202,7 +202,7 @@ def save(
     except Exception as err:
         if accelerator.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
-        if disk_full(err):
+        if disk_full(err, root.parent if not root.exists() else root):
             raise no_space_error(root, err) from err
         raise
     accelerator.wait_for_everyone()

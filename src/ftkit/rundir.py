@@ -248,11 +248,18 @@ def _remove(path: Path) -> None:
 # -- the final commit ------------------------------------------------------------------------------
 
 
-def disk_full(err: BaseException) -> bool:
+def disk_full(err: BaseException, path=None) -> bool:
+    """Whether ``err`` means the disk is full: ENOSPC, or torch's writer failing on a full disk
+    (it reports "iostream error" / "file write failed" without an errno)."""
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return True
     text = str(err)
-    return "No space left on device" in text or "ENOSPC" in text
+    if "No space left on device" in text or "ENOSPC" in text:
+        return True
+    if path is not None and ("iostream error" in text or "file write failed" in text):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(path).free < 64 * 2**20
+    return False
 
 
 def no_space_error(path, err: BaseException) -> FtkitError:
