@@ -26,20 +26,24 @@ def resolve_model_path(name_or_path: str) -> str:
         return embedded_model_path(name_or_path)
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if Path(name_or_path).expanduser().exists():
-        path = Path(name_or_path).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            what = "a directory without config.json" if path.is_dir() else "a file"
-            raise ModelError(
-                f"model path {name_or_path} is {what}, not a model: give the directory "
-                "save_pretrained wrote (config.json + weights), a Hub id, or ftkit:tiny-llama"
-            )
-        return str(path)
+        return str(Path(name_or_path).expanduser().resolve())
     if looks_local:
         raise ModelError(
             f"model path not found: {name_or_path} (give an existing directory with config.json, "
             "a Hub id such as meta-llama/Llama-2-7b-hf, or ftkit:tiny-llama)"
         )
     return name_or_path
+
+
+def require_model_dir(path: str) -> None:
+    """A local model path must hold config.json: one line, not a tokenizer/sentencepiece hint."""
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        what = "a directory without config.json" if local.is_dir() else "a file"
+        raise ModelError(
+            f"model path {path} is {what}, not a model: give the directory save_pretrained "
+            "wrote (config.json + weights), a Hub id, or ftkit:tiny-llama"
+        )
 
 
 def load_tokenizer(path: str):
@@ -106,6 +110,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", tokeni
     With ``tokenizer``, the embeddings are fitted to it (``fit_embeddings``: an added pad token).
     """
     path = resolve_model_path(cfg.model_name_or_path)
+    require_model_dir(path)
     quant = quantization_config(cfg)
     kwargs = {"dtype": torch_dtype(cfg.model_dtype)}
     if quant is not None:

@@ -42,6 +42,7 @@ from ftkit.modeling import (
     cuda_capability,
     load_tokenizer,
     requested_mixed_precision,
+    require_model_dir,
     resolve_mixed_precision,
     resolve_model_path,
 )
@@ -131,6 +132,7 @@ class Trainer:
         rundir.check_output_dir(self.output_dir)
         self._claim(dry_run=True)
         self.eval_before: dict = {}
+        require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
