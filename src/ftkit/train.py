@@ -116,6 +116,13 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
+        self.output_dir = Path(recipe.train.output_dir)
+        # Checked before the model loads; claimed (written) in fit().
+        self.identity = rundir.identity_fields(recipe)
+        self.fingerprint = rundir.fingerprint(self.identity)
+        rundir.check_output_dir(self.output_dir)
+        self._claim(dry_run=True)
+        self.eval_before: dict = {}
         # Before anything loads: a missing tracker package or an impossible upload is one line now.
         hub.check_can_push(recipe.train)
         tracker_kwargs = tracking.accelerator_kwargs(recipe.train)
@@ -126,12 +133,6 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(**tracker_kwargs)
         set_seed(recipe.train.seed)
         self.output_dir = Path(recipe.train.output_dir)
-        # Checked before the model loads; claimed (written) in fit().
-        self.identity = rundir.identity_fields(recipe)
-        self.fingerprint = rundir.fingerprint(self.identity)
-        rundir.check_output_dir(self.output_dir)
-        self._claim(dry_run=True)
-        self.eval_before: dict = {}
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         with self.accelerator.main_process_first():
