@@ -53,6 +53,9 @@ NOT_IDENTITY = frozenset(
         "save_total_limit",
         "per_device_eval_batch_size",
         "gradient_checkpointing",  # recomputes the same activations
+        # `auto` is resolved from the records (and written back into the recipe); the records
+        # themselves are identified by the split identity below.
+        "data_format",
         "report_to",
         "push_to_hub",
         "hub_model_id",
@@ -172,6 +175,7 @@ def claim(
     resuming: bool,
     dry_run: bool = False,
     split: dict | None = None,
+    fields: dict | None = None,
 ) -> RunMarker | None:
     """Make ``output_dir`` this run's, or refuse; returns the marker now in place.
 
@@ -179,7 +183,7 @@ def claim(
     checks (every process may, before the model loads) and changes nothing.
     """
     output_dir = Path(output_dir)
-    fields = identity_fields(recipe)
+    fields = identity_fields(recipe) if fields is None else fields  # as given, before resolution
     ours = fingerprint(fields)
     marker = read_marker(output_dir)
     foreign = foreign_entries(output_dir, marker)

@@ -189,6 +189,7 @@ class Trainer:
             resuming=bool(cfg.resume_from_checkpoint),
             dry_run=dry_run,
             split=getattr(self, "split", None),
+            fields=self.identity,  # the recipe as given (Trainer resolves e.g. data_format: auto)
         )
 
     def _run_state(self) -> dict:
