@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-ACCELERATE := $(PY) -m accelerate.commands.launch
+# -q: an ftkit error stays the last line on screen (no Accelerate traceback after it)
+ACCELERATE := $(PY) -m accelerate.commands.launch -q
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # Without a GPU, install the CPU build of torch first (a bare `torch` pulls a multi-GB CUDA build).
 TORCH_CPU_SPEC ?= torch==2.13.0

@@ -2,11 +2,11 @@
 
 The recipe YAML says *what* to train; the Accelerate config says *how* (precision, processes):
 
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py
-    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py --lora_impl ftkit
-    accelerate launch --config_file accelerate_configs/single_gpu_fp16.yaml \
+    accelerate launch -q --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py
+    accelerate launch -q --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py --lora_impl ftkit
+    accelerate launch -q --config_file accelerate_configs/single_gpu_fp16.yaml \
         recipes/alpaca_lora.py --config llama2-7b
-    accelerate launch --config_file accelerate_configs/ddp_2gpu_fp16.yaml \
+    accelerate launch -q --config_file accelerate_configs/ddp_2gpu_fp16.yaml \
         recipes/alpaca_lora.py --config llama2-7b                    # two T4s
 
 ``--config`` takes a shipped recipe name (tiny, llama2-7b, bloom-1b7) or a YAML path; any recipe

@@ -221,6 +221,8 @@ def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, t
         "5",
         "--max_length",
         "320",
+        "--per_device_train_batch_size",  # 11 records fill one batch per rank (issue 10)
+        "4",
         ACCELERATE_USE_CPU="true",
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -187,6 +187,12 @@ class Adapter:
             config_path = path / config_name
             if config_path.is_file():
                 config = _read_json(config_path)
+                if not any((path / name).is_file() for name in (WEIGHTS_NAME, "adapter_model.bin")):
+                    raise AdapterError(
+                        f"{path} has {config_name} but its weights file {WEIGHTS_NAME} is "
+                        "missing (deleted, or the run did not finish); pass a complete adapter "
+                        "dir, or train again"
+                    )
                 return cls(path, adapter_format, config.get("base_model_name_or_path"))
         raise AdapterError(
             f"{path} holds neither {PEFT_CONFIG_NAME} nor {FTKIT_CONFIG_NAME}: it is no saved "
@@ -423,13 +429,25 @@ class MergeResult:
     max_abs_logit_diff: float  # merged vs adapter model, on the probe prompt
 
 
-def merge_and_export(args: AdapterArgs, output_dir: str | Path) -> MergeResult:
-    """Load base + adapter in ``args.dtype``, merge, check, and write ``output_dir`` atomically."""
+def merge_and_export(
+    args: AdapterArgs, output_dir: str | Path, overwrite: bool = False
+) -> MergeResult:
+    """Load base + adapter in ``args.dtype``, merge, check, and write ``output_dir`` atomically.
+
+    ``output_dir`` must be new or empty, or (with ``overwrite``) a merged model ftkit wrote:
+    see ``rundir.check_merge_target``.
+    """
+    from ftkit import rundir
+
     output_dir = Path(output_dir)
     adapter = Adapter.read(args.adapter_dir)
     base = adapter.base_for(args.base_model)
-    if output_dir.resolve() in (adapter.path.resolve(), Path(resolve_model_path(base)).resolve()):
-        raise ConfigError(f"--output_dir {output_dir} would replace its own inputs; pick a new dir")
+    rundir.check_merge_target(
+        output_dir,
+        adapter_dir=adapter.path,
+        base_dir=resolve_model_path(base),
+        overwrite=overwrite,
+    )
     _refuse_quantised_checkpoint(base)
     loaded = load_base(args, device="cpu")
     model = attach_adapter(loaded)
@@ -446,6 +464,7 @@ def merge_and_export(args: AdapterArgs, output_dir: str | Path) -> MergeResult:
         merged.save_pretrained(scratch, safe_serialization=True)
         tokenizer.save_pretrained(scratch)
         portable_tokenizer_config(scratch / "tokenizer_config.json")
+        rundir.write_merge_marker(scratch)
     return MergeResult(output_dir, diff)
 
 

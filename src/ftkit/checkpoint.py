@@ -3,17 +3,26 @@
 A checkpoint holds the trainable weights (the adapter, or everything for a full fine-tune), the
 optimizer, the scheduler, every process's RNG state and the data position; the frozen base is
 reloaded from ``model_name_or_path`` instead of being copied into every checkpoint.
+
+ftkit's own state is data, never a pickle: ``ftkit_state.json`` (progress, scheduler, the run's
+identity, the world size, the base model's eval loss) and ``rng_state_<rank>.json``. Accelerate
+writes weights as safetensors and the optimizer as a tensor file it loads with
+``weights_only=True``; a checkpoint holding any ``*.pkl`` (Accelerate's
+``custom_checkpoint_*.pkl`` load with ``weights_only=False``) is refused before anything loads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -24,6 +33,8 @@ from ftkit.errors import FtkitError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_NAME = "ftkit_state.json"
+RNG_STATE_NAME = "rng_state_{}.json"
 
 
 @dataclass
@@ -89,49 +100,179 @@ def register_adapter_only_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_trainable)
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (scratch dirs of a crashed save are ignored)."""
+def read_state(path: Path) -> dict | None:
+    """A checkpoint's ``ftkit_state.json``, or None when it has none (or it is unreadable)."""
+    try:
+        return json.loads((Path(path) / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints(output_dir: Path, fingerprint: str | None = None) -> list[Path]:
+    """Complete checkpoints, oldest first (scratch dirs of a crashed save are ignored).
+
+    With ``fingerprint``, only the checkpoints of that run: rotation and ``latest`` never
+    consider another run's.
+    """
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
+    if fingerprint is not None:
+        found = [p for p in found if (read_state(p) or {}).get("fingerprint") == fingerprint]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
-def save(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """All processes write into a scratch dir; the main process renames it into place, then prunes."""
+def rng_state() -> dict:
+    """Every RNG this process draws from, as JSON-able data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+
+def save(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    keep: int,
+    objects: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """All processes write into a scratch dir; the main process renames it into place, then prunes.
+
+    ``objects`` (name -> object with ``state_dict``) and ``extra`` (JSON data, e.g. the run's
+    ``fingerprint``) go into ``ftkit_state.json``; rotation keeps the last ``keep`` checkpoints
+    of the same fingerprint. On failure the scratch dir is removed; a full disk is one line.
+    """
+    from ftkit.io import umask_modes
+    from ftkit.rundir import disk_full, no_space_error
+
     root = Path(output_dir) / "checkpoints"
     scratch = root / f".checkpoint-{step}.tmp"
     final = root / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(
-        str(scratch), safe_serialization=True, **engines.save_state_kwargs(accelerator)
-    )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(scratch, final)
-        for old in checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old)
-        # One line per checkpoint: the CLI quiets Accelerate's own per-file INFO lines.
-        logger.info("checkpoint %d saved to %s", step, final)
+    extra = dict(extra or {})
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(
+            str(scratch), safe_serialization=True, **engines.save_state_kwargs(accelerator)
+        )
+        _write_json(scratch / RNG_STATE_NAME.format(accelerator.process_index), rng_state())
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for pickled in scratch.glob("random_states_*.pkl"):  # ours is rng_state_N.json
+                pickled.unlink()
+            state = {
+                **extra,
+                "step": step,
+                "world_size": accelerator.num_processes,
+                **{name: obj.state_dict() for name, obj in (objects or {}).items()},
+            }
+            _write_json(scratch / STATE_NAME, state)
+            umask_modes(scratch)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(scratch, final)
+            for old in checkpoints(output_dir, extra.get("fingerprint"))[:-keep]:
+                shutil.rmtree(old)
+            # One line per checkpoint: the CLI quiets Accelerate's own per-file INFO lines.
+            logger.info("checkpoint %d saved to %s", step, final)
+    except Exception as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if disk_full(err, root.parent if not root.exists() else root):
+            raise no_space_error(root, err) from err
+        raise
     accelerator.wait_for_everyone()
     return final
 
 
-def resume(accelerator: Accelerator, output_dir: Path, which: str) -> Path:
-    """Load ``which`` (a checkpoint dir, or 'latest' under output_dir) into the prepared objects."""
+def resume(
+    accelerator: Accelerator,
+    output_dir: Path,
+    which: str,
+    objects: dict | None = None,
+    identity: dict | None = None,
+) -> dict:
+    """Load ``which`` (a checkpoint dir, or 'latest' under output_dir) into the prepared objects.
+
+    Refused before anything loads: a checkpoint holding pickles, one without ftkit's state, one
+    of another run (its differing recipe fields named), or one written by another process count.
+    Returns the checkpoint's ``ftkit_state.json`` data.
+    """
+    from ftkit.rundir import differing_fields, fingerprint
+
+    ours = fingerprint(identity) if identity is not None else None
     if which == "latest":
-        found = checkpoints(output_dir)
+        found = checkpoints(output_dir, ours)
         if not found:
-            raise FtkitError(f"resume_from_checkpoint=latest but {output_dir}/checkpoints is empty")
+            others = checkpoints(output_dir)
+            why = f" (only another run's: {others[-1].name})" if others else ""
+            raise FtkitError(
+                f"resume_from_checkpoint=latest but {output_dir}/checkpoints holds no checkpoint "
+                f"of this recipe{why}"
+            )
         path = found[-1]
     else:
         path = Path(which)
         if not path.is_dir():
             raise FtkitError(f"checkpoint not found: {path} (pass a checkpoint-N dir or 'latest')")
+    pickles = sorted(p.name for p in path.glob("*.pkl"))
+    if pickles:
+        raise FtkitError(
+            f"checkpoint {path} holds pickle files ({', '.join(pickles)}) that ftkit never "
+            "writes; loading them could run code, so it is refused: delete them or resume from "
+            "a checkpoint ftkit wrote"
+        )
+    state = read_state(path)
+    if state is None:
+        raise FtkitError(
+            f"checkpoint {path} has no readable {STATE_NAME}: it was not written by this version "
+            "of ftkit; start a fresh run"
+        )
+    if ours is not None and state.get("fingerprint") != ours:
+        differing = differing_fields(identity, state.get("fields", {}))
+        raise FtkitError(
+            f"checkpoint {path} belongs to another run; its recipe differs in "
+            f"{'; '.join(differing) or 'fields this ftkit does not know'}: resume with the "
+            "recipe that wrote it"
+        )
+    saved_by = state.get("world_size")
+    if saved_by != accelerator.num_processes:
+        raise FtkitError(
+            f"checkpoint {path} was written by {saved_by} process(es) and this run has "
+            f"{accelerator.num_processes}: the data position would not match; resume with "
+            f"{saved_by} process(es)"
+        )
+    rng_path = path / RNG_STATE_NAME.format(accelerator.process_index)
+    try:
+        rng = json.loads(rng_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise FtkitError(f"checkpoint {path}: cannot read {rng_path.name} ({err})") from err
     accelerator.load_state(str(path), **engines.load_state_kwargs(accelerator))
-    return path
+    for name, obj in (objects or {}).items():
+        obj.load_state_dict(state[name])
+    set_rng_state(rng)  # last: loading draws nothing after this
+    return state

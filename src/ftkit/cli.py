@@ -97,6 +97,10 @@ def generate(argv: list[str]) -> None:
 @dataclass
 class MergeOutputArgs:
     output_dir: str = field(metadata={"help": "New dir for the merged model + tokenizer."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace a merged model ftkit wrote there (never anything else)."},
+    )
 
 
 def merge(argv: list[str]) -> None:
@@ -104,7 +108,7 @@ def merge(argv: list[str]) -> None:
 
     parser = ArgParser((AdapterArgs, MergeOutputArgs), prog=_prog())
     adapter_args, output_args = parser.parse_args_into_dataclasses(argv)
-    result = merge_and_export(adapter_args, output_args.output_dir)
+    result = merge_and_export(adapter_args, output_args.output_dir, output_args.overwrite)
     print(
         f"merged model written to {result.output_dir} "
         f"(max |logit difference| vs the adapter: {result.max_abs_logit_diff:.2e})"

@@ -7,9 +7,13 @@ config (``accelerate launch --config_file accelerate_configs/...``), which says 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import logging
+import math
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from ftkit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "ftkit:tiny-llama"
 EMBEDDED_DATASET = "ftkit:tiny-instructions"
@@ -173,6 +179,9 @@ class AdapterConfig:
             f"lora_impl={self.lora_impl!r} is not one of {LORA_IMPLS}",
         )
         _require(self.lora_r > 0, f"lora_r must be > 0, got {self.lora_r}")
+        _require(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if isinstance(self.lora_target, str):  # YAML `lora_target: q_proj`: one module, not 6
+            self.lora_target = [self.lora_target]
         _require(
             0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"
         )
@@ -245,9 +254,21 @@ class TrainConfig:
             "high-water mark, allocator-dependent, at no cost."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace another run in output_dir (only the files ftkit wrote for it)."},
+    )
 
     def __post_init__(self):
-        _require(self.max_steps != 0, "max_steps must be > 0, or -1 to train by epochs")
+        _require(
+            self.max_steps == -1 or self.max_steps > 0,
+            f"max_steps must be > 0, or -1 to train by epochs, got {self.max_steps}",
+        )
+        _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _require(
+            self.lr_scheduler_type in scheduler_names(),
+            f"lr_scheduler_type={self.lr_scheduler_type!r} is not one of {scheduler_names()}",
+        )
         _require(
             self.max_steps > 0 or self.num_train_epochs > 0,
             "set max_steps > 0 or num_train_epochs > 0",
@@ -276,6 +297,76 @@ class TrainConfig:
 RECIPE_SECTIONS = (ModelConfig, DataConfig, AdapterConfig, TrainConfig)
 
 
+def scheduler_names() -> list[str]:
+    """transformers' scheduler names (``get_scheduler``'s ``name``)."""
+    from transformers import SchedulerType
+
+    return [kind.value for kind in SchedulerType]
+
+
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """``ceil(ratio * total)``, clamped so at least one step trains with a learning rate > 0.
+
+    Warmup starts at lr 0, so ``total`` steps with ``w >= 1`` warmup steps give ``total - 1``
+    steps with lr > 0: with the default ratio a 1-step run would train nothing. The clamp only
+    changes such tiny runs, and says so; a ratio meant for long runs is no reason to refuse.
+    """
+    wanted = math.ceil(warmup_ratio * total_steps)
+    if wanted and total_steps == 1:
+        logger.warning(
+            "warmup_ratio=%s gives %d warmup step(s) of %d: the only step would have learning "
+            "rate 0 and train nothing; using no warmup",
+            warmup_ratio,
+            wanted,
+            total_steps,
+        )
+        return 0
+    return min(wanted, total_steps)
+
+
+_TYPE_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a module name or a list of them",
+}
+
+
+def _type_problem(value, hint) -> str | None:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args and optional else hint
+    base = typing.get_origin(base) or base
+    if base not in _TYPE_WORDS:
+        return None
+    if value is None:
+        return None if optional else f"must be {_TYPE_WORDS[base]}, got null"
+    plain_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(value, str) and base in (int, float):  # YAML 1.1 reads 2e-4 as a string
+        with contextlib.suppress(ValueError):
+            base(value)
+            return None
+    ok = {
+        int: plain_number and isinstance(value, int),
+        float: plain_number,
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+        list: isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+    }[base]
+    return None if ok else f"must be {_TYPE_WORDS[base]}, got {value!r}"
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    """Wrongly typed values (``lora_r: 8.5``, ``lora_alpha: null``) are one line, before loading."""
+    hints = {k: v for section in RECIPE_SECTIONS for k, v in typing.get_type_hints(section).items()}
+    for key, value in values.items():
+        problem = _type_problem(value, hints.get(key))
+        if problem:
+            raise ConfigError(f"{key} in {source} {problem}")
+
+
 @dataclass
 class Recipe:
     """Everything one training run needs, grouped by concern."""
@@ -296,6 +387,7 @@ class Recipe:
     def from_dict(cls, values: dict[str, Any], source: str = "recipe") -> Recipe:
         """Build from a flat mapping; unknown keys are an error naming the nearest valid ones."""
         _check_known(values, source)
+        _check_types(values, source)
         return cls(*HfArgumentParser(RECIPE_SECTIONS).parse_dict(values))
 
 
@@ -347,7 +439,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             f"recipe file not found: {path} (pass --config PATH.yaml or a shipped recipe: "
             f"{', '.join(shipped_recipes())})"
         )
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from err
     if not isinstance(values, dict):
         raise ConfigError(
             f"{path} must hold a mapping of field: value, got {type(values).__name__}"
@@ -372,6 +470,7 @@ def parse_recipe(
     config_path = recipe_path(config) if config else None
     yaml_values = load_yaml(config_path) if config_path else {}
     _check_known(yaml_values, str(config_path))
+    _check_types(yaml_values, str(config_path))
     _check_known([f for f in _flag_names(argv) if f != "help"], "the command line")
 
     parser = ArgParser(RECIPE_SECTIONS, prog=prog, allow_abbrev=False)

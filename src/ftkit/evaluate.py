@@ -63,6 +63,13 @@ class EvalArgs:
     skip_bad_records: bool = field(
         default=False, metadata={"help": "With --dataset: skip malformed records, don't fail."}
     )
+    allow_changed_split: bool = field(
+        default=False,
+        metadata={
+            "help": "Without --dataset: score the rebuilt split even if the data changed since "
+            "training (warns: its records may have been trained on)."
+        },
+    )
 
     def __post_init__(self):
         if self.num_samples < 0:
@@ -88,9 +95,19 @@ def run_recipe(run_dir: Path) -> Recipe:
     return recipe
 
 
-def held_out_examples(recipe: Recipe, tokenizer) -> list[dict]:
-    """The run's held-out split, rebuilt (split, tokenised, filtered) by training's own code."""
-    return build_datasets(recipe.data, tokenizer, recipe.train.seed).eval.to_list()
+def held_out_examples(
+    recipe: Recipe, tokenizer, run_dir: Path | None = None, allow_changed: bool = False
+) -> list[dict]:
+    """The run's held-out split, rebuilt (split, tokenised, filtered) by training's own code.
+
+    With ``run_dir``, checked against the split identity the run recorded (``ftkit_run.json``).
+    """
+    data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
+    if run_dir is not None:
+        from ftkit.rundir import check_split
+
+        check_split(run_dir, data, allow_changed)
+    return data.eval.to_list()
 
 
 def tokenize_examples(
@@ -145,7 +162,12 @@ def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
     adapter = Adapter.read(args.adapter_dir)
     if eval_args.dataset is None:
         dataset = f"the held-out split of {adapter.path}"
-        examples_for = partial(held_out_examples, run_recipe(adapter.path))
+        examples_for = partial(
+            held_out_examples,
+            run_recipe(adapter.path),
+            run_dir=adapter.path,
+            allow_changed=eval_args.allow_changed_split,
+        )
     else:
         dataset = eval_args.dataset
         records = load_records(dataset, num_samples=eval_args.num_samples)

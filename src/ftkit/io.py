@@ -1,4 +1,9 @@
-"""Atomic file-system writes: a crash never leaves a half-written artefact that looks valid."""
+"""Atomic file-system writes: a crash never leaves a half-written artefact that looks valid.
+
+Temp files and dirs are created private (``mkstemp`` 0600, ``mkdtemp`` 0700); before they are
+renamed into place they get the modes a plain ``open``/``mkdir`` would give under the umask
+(0644 / 0755 under umask 022), so other users of a shared machine can read the results.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(scratch, 0o777 & ~current_umask())
         yield scratch
+        umask_modes(scratch)
         _fsync_tree(scratch)
         if target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -41,6 +48,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -50,6 +58,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes the umask gives new files and dirs.
+
+    Some writers create private files whatever the umask (safetensors' ``save_file``: 0600).
+    """
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

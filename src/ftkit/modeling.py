@@ -35,6 +35,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def require_model_dir(path: str) -> None:
+    """A local model path must hold config.json: one line, not a tokenizer/sentencepiece hint."""
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        what = "a directory without config.json" if local.is_dir() else "a file"
+        raise ModelError(
+            f"model path {path} is {what}, not a model: give the directory save_pretrained "
+            "wrote (config.json + weights), a Hub id, or ftkit:tiny-llama"
+        )
+
+
 def load_tokenizer(path: str):
     """Tokenizer with a pad id distinct from EOS, right-padded for training."""
     try:
@@ -99,6 +110,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", tokeni
     With ``tokenizer``, the embeddings are fitted to it (``fit_embeddings``: an added pad token).
     """
     path = resolve_model_path(cfg.model_name_or_path)
+    require_model_dir(path)
     quant = quantization_config(cfg)
     kwargs = {"dtype": torch_dtype(cfg.model_dtype)}
     if quant is not None:

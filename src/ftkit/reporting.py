@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ftkit.io import atomic_write_json
+from ftkit.io import atomic_write_json, atomic_write_text
 from ftkit.meter import trainable_parameters_line
 
 METRICS_STEPS = "metrics.jsonl"
@@ -36,9 +36,23 @@ class RunLog:
             with open(self.output_dir / METRICS_STEPS, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def finish(self, metrics: dict) -> None:
-        atomic_write_json(self.output_dir / METRICS_FINAL, metrics)
-        plot_loss_curve(self.history, metrics, self.output_dir / LOSS_CURVE)
+    def resume_at(self, step: int) -> None:
+        """Continue the log of a run resumed at ``step``: rows past it (logged by the run that was
+        killed after its checkpoint) are dropped, so each step appears once."""
+        path = self.output_dir / METRICS_STEPS
+        rows = []
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        self.history = [row for row in rows if row.get("step", 0) <= step]
+        if self.enabled:
+            text = "".join(json.dumps(row) + "\n" for row in self.history)
+            atomic_write_text(path, text)
+
+    def finish(self, metrics: dict, directory: Path | None = None) -> None:
+        """metrics.json and the loss curve, into ``directory`` (default: the output dir)."""
+        directory = Path(directory or self.output_dir)
+        atomic_write_json(directory / METRICS_FINAL, metrics)
+        plot_loss_curve(self.history, metrics, directory / LOSS_CURVE)
 
 
 def plot_loss_curve(history: list[dict], metrics: dict, path: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,15 +24,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, batching, card, checkpoint, engines, hub, reporting, tracking
+from ftkit import adapters, batching, card, checkpoint, engines, hub, reporting, rundir, tracking
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
     precision_of_mixed_precision,
     save_recipe,
+    warmup_steps,
 )
 from ftkit.data import InstructionData, build_datasets, collator
-from ftkit.errors import FtkitError
+from ftkit.errors import ConfigError, FtkitError
 from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainable_parameters_line
 from ftkit.metrics import (
     check_loss_kernel,
@@ -48,6 +50,7 @@ from ftkit.modeling import (
     cuda_capability,
     load_tokenizer,
     requested_mixed_precision,
+    require_model_dir,
     resolve_mixed_precision,
     resolve_model_path,
 )
@@ -85,11 +88,49 @@ def make_accelerator(**kwargs) -> Accelerator:
     return accelerator
 
 
+def check_ranks_get_distinct_records(n_records: int, batch_size: int, num_processes: int) -> None:
+    """Refuse a split that cannot give every process one batch of distinct records.
+
+    Accelerate evens the batches across processes by repeating records, so with fewer records
+    than one batch per process the result silently differs from one process's (3 records on 2
+    ranks train on 4). A merely uneven last round is only logged.
+    """
+    need = batch_size * num_processes
+    if num_processes == 1 or n_records % need == 0:
+        return
+    if n_records < need:
+        fix = (
+            f"per_device_train_batch_size {n_records // num_processes}"
+            if n_records >= num_processes
+            else "fewer processes"
+        )
+        raise ConfigError(
+            f"{n_records} training records cannot fill one batch of {batch_size} on each of "
+            f"{num_processes} processes without repeating records (the result would differ from "
+            f"one process's): use at least {need} records, {fix}, or fewer processes"
+        )
+    logger.warning(
+        "%d training records over %d processes x %d: the last round of each epoch repeats %d "
+        "records to even the batches",
+        n_records,
+        num_processes,
+        batch_size,
+        need - n_records % need,
+    )
+
+
 class Trainer:
     """One LoRA (or full) fine-tuning run; ``fit()`` returns its metrics."""
 
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
+        self.output_dir = Path(recipe.train.output_dir)
+        # Checked before the model loads; claimed (written) in fit().
+        self.identity = rundir.identity_fields(recipe)
+        self.fingerprint = rundir.fingerprint(self.identity)
+        rundir.check_output_dir(self.output_dir)
+        self._claim(dry_run=True)
+        self.eval_before: dict = {}
         # Before anything loads: a missing tracker package or an impossible upload is one line now.
         hub.check_can_push(recipe.train)
         check_loss_kernel(recipe.train.loss_kernel)
@@ -100,7 +141,7 @@ class Trainer:
         self.memory = PeakMemoryMeter(pin_malloc=recipe.train.exact_peak_memory).start()
         self.accelerator = accelerator or make_accelerator(**tracker_kwargs)
         set_seed(recipe.train.seed)
-        self.output_dir = Path(recipe.train.output_dir)
+        require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         with self.accelerator.main_process_first():
@@ -109,6 +150,12 @@ class Trainer:
             )
         check_precision_combination(recipe, self.accelerator.mixed_precision)
         engines.check_recipe(self.accelerator, recipe)
+        self.split = rundir.split_identity(self.data)
+        check_ranks_get_distinct_records(
+            len(self.data.train),
+            recipe.train.per_device_train_batch_size,
+            self.accelerator.num_processes,
+        )
         model = build_model(
             recipe.model,
             recipe.adapter,
@@ -139,12 +186,33 @@ class Trainer:
         self.scheduler = get_scheduler(
             recipe.train.lr_scheduler_type,
             self.optimizer,
-            num_warmup_steps=math.ceil(recipe.train.warmup_ratio * self.total_steps),
+            num_warmup_steps=warmup_steps(recipe.train.warmup_ratio, self.total_steps),
             num_training_steps=self.total_steps,
         )
         self.progress = checkpoint.Progress()
-        self.accelerator.register_for_checkpointing(self.scheduler, self.progress)
+        # Saved as data (ftkit_state.json) by checkpoint.save, not as Accelerate's pickles.
+        self.checkpointed = {"scheduler": self.scheduler, "progress": self.progress}
         checkpoint.register_adapter_only_hooks(self.accelerator)
+
+    def _claim(self, dry_run: bool = False) -> None:
+        cfg = self.recipe.train
+        rundir.claim(
+            self.output_dir,
+            self.recipe,
+            overwrite=cfg.overwrite_output_dir,
+            resuming=bool(cfg.resume_from_checkpoint),
+            dry_run=dry_run,
+            split=getattr(self, "split", None),
+            fields=self.identity,  # the recipe as given (Trainer resolves e.g. data_format: auto)
+        )
+
+    def _run_state(self) -> dict:
+        """What every checkpoint records besides weights: the run's identity, the base's eval."""
+        return {
+            "fingerprint": self.fingerprint,
+            "fields": self.identity,
+            "eval_before": self.eval_before,
+        }
 
     def _loaders(self) -> tuple[DataLoader, DataLoader]:
         pad = collator(self.tokenizer)
@@ -277,9 +345,17 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss per supervised token over the held-out split, and its perplexity."""
+        """Mean loss per supervised token over the held-out split, and its perplexity.
+
+        Under a forked RNG: evaluating never changes what training draws next (dropout, data).
+        """
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         if len(self.data.eval) == 0:
             return {}
         self.model.eval()
@@ -299,15 +375,29 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         acc, cfg = self.accelerator, self.recipe.train
+        if acc.is_main_process:
+            self._claim()
+        acc.wait_for_everyone()
         if cfg.resume_from_checkpoint:
-            checkpoint.resume(acc, self.output_dir, cfg.resume_from_checkpoint)
+            state = checkpoint.resume(
+                acc,
+                self.output_dir,
+                cfg.resume_from_checkpoint,
+                objects=self.checkpointed,
+                identity=self.identity,
+            )
         log = reporting.RunLog(
             self.output_dir, enabled=acc.is_main_process, append=bool(cfg.resume_from_checkpoint)
         )
+        if cfg.resume_from_checkpoint:
+            log.resume_at(self.progress.step)  # each step once: drop rows a killed run logged
+            self.eval_before = state.get("eval_before") or {}  # the base's, not the checkpoint's
+        else:
+            self.eval_before = self.evaluate()  # step 0: the base model
         if acc.is_main_process:
             save_recipe(self.recipe, self.output_dir / RESOLVED_CONFIG_NAME)
             logger.info(trainable_parameters_line(*parameter_counts(self.model)))
-        before = self.evaluate()
+        before = self.eval_before
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
@@ -328,7 +418,14 @@ class Trainer:
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                 steps.evaluation(step, self.evaluate())
             if cfg.save_steps and step % cfg.save_steps == 0:
-                checkpoint.save(acc, self.output_dir, step, cfg.save_total_limit)
+                checkpoint.save(
+                    acc,
+                    self.output_dir,
+                    step,
+                    cfg.save_total_limit,
+                    objects=self.checkpointed,
+                    extra=self._run_state(),
+                )
             if step >= self.total_steps:
                 break
         steps.flush()
@@ -350,11 +447,8 @@ class Trainer:
             "memory": self.memory_figures(),
             "throughput": self.token_counts.figures(acc),
         }
-        self.save_artifacts()
+        self.save_artifacts(metrics, log)
         if acc.is_main_process:
-            log.finish(metrics)
-            # After the weights: replaces the empty template README.md PEFT's save writes.
-            card.write_model_card(self.recipe, metrics, self.output_dir)
             print(reporting.summary(metrics, self.output_dir))
             if cfg.push_to_hub:
                 hub.push(self.output_dir, cfg)
@@ -401,21 +495,36 @@ class Trainer:
             "device": str(self.accelerator.device),
         }
 
-    def save_artifacts(self) -> None:
-        """Adapter (or full model) + tokenizer, written by the main process only, atomically."""
+    def save_artifacts(self, metrics: dict | None = None, log=None) -> None:
+        """Adapter (or full model), tokenizer, config and metrics: one all-or-nothing commit.
+
+        Everything is staged in one scratch dir, then renamed in (``rundir.commit``); written by
+        the main process only. A full disk leaves the dir as it was and says so in one line.
+        """
         acc = self.accelerator
         acc.wait_for_everyone()
         state = engines.trainable_state(acc, self.model)  # all ranks: a gather under ZeRO-3/FSDP
         if acc.is_main_process:
-            adapters.save_trained(
-                acc.unwrap_model(self.model),
-                self.output_dir,
-                impl=self.recipe.adapter.lora_impl,
-                base_model_name_or_path=self.base_path,
-                state_dict=state,
-            )
-            self.tokenizer.save_pretrained(self.output_dir)
+            rundir.commit(self.output_dir, partial(self._write_artifacts, metrics, log, state))
+            if metrics is not None:
+                # After the weights: replaces the empty template README.md PEFT's save writes;
+                # listed in the run marker, so the next run knows the README is ftkit's.
+                card.write_model_card(self.recipe, metrics, self.output_dir)
+                rundir.record_artefacts(self.output_dir, [card.CARD_NAME])
         acc.wait_for_everyone()
+
+    def _write_artifacts(self, metrics, log, state, stage: Path) -> None:
+        adapters.save_trained(
+            self.accelerator.unwrap_model(self.model),
+            stage,
+            impl=self.recipe.adapter.lora_impl,
+            base_model_name_or_path=self.base_path,
+            state_dict=state,
+        )
+        self.tokenizer.save_pretrained(stage)
+        save_recipe(self.recipe, stage / RESOLVED_CONFIG_NAME)
+        if metrics is not None and log is not None:
+            log.finish(metrics, stage)
 
 
 def train(recipe: Recipe) -> TrainResult:
