@@ -126,9 +126,10 @@ def test_a_model_without_logits_to_keep_warns_once_and_uses_full_logits(caplog):
     assert metrics.use_supervised_logits(False, model) is False
 
 
-def test_loss_kernel_liger_is_refused_on_cpu_with_one_line(capsys, monkeypatch):
+def test_loss_kernel_liger_is_refused_on_cpu_with_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["train", "--loss_kernel", "liger", "--max_steps", "1"]) == 2
+    argv = ["train", "--loss_kernel", "liger", "--max_steps", "1", "--output_dir", str(tmp_path)]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ftkit error: loss_kernel liger needs CUDA")
     with pytest.raises(ConfigError, match=r"pip install 'ftkit\[liger\]'"):

@@ -360,4 +360,6 @@ def test_cpu_meter_counts_the_runs_own_memory_only(tmp_path):
     )
     reading = json.loads(done.stdout.strip().splitlines()[-1])
     assert reading["exact"]
-    assert 16 * 2**20 <= reading["peak"] < 24 * 2**20
+    # The run's 16 MiB are seen (less a few pages of the baseline the allocator returned since:
+    # 32 KiB here); neither the 64 MiB spike nor the 32 MiB of library pages count.
+    assert 15.5 * 2**20 <= reading["peak"] < 24 * 2**20

@@ -56,6 +56,9 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_TRISTATE_FIELDS = ("padding_free",)
+
+
 def _tristate(name: str, value) -> str:
     """``true`` / ``false`` / ``auto`` from a YAML bool or a command-line string."""
     text = str(value).strip().lower()
@@ -362,6 +365,8 @@ def _check_types(values: dict[str, Any], source: str) -> None:
     """Wrongly typed values (``lora_r: 8.5``, ``lora_alpha: null``) are one line, before loading."""
     hints = {k: v for section in RECIPE_SECTIONS for k, v in typing.get_type_hints(section).items()}
     for key, value in values.items():
+        if key in _TRISTATE_FIELDS:  # true/false/auto: a YAML bool is fine, _tristate checks it
+            continue
         problem = _type_problem(value, hints.get(key))
         if problem:
             raise ConfigError(f"{key} in {source} {problem}")
