@@ -102,3 +102,15 @@ def llama2_tokenizer():
     from ftkit.data import ensure_pad_token
 
     return ensure_pad_token(AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from threads, and spinning threads stall on a shared CPU.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,12 +25,7 @@ from ftkit.train import Trainer
 ARCHS = ("mistral", "qwen2", "gpt2", "phi", "opt")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

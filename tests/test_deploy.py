@@ -8,7 +8,6 @@ trained on plain text.
 import json
 
 import pytest
-import torch
 from helpers import tiny_recipe
 from test_formats import alpaca_records, messages_records, text_records
 from tiny_archs import save_tiny
@@ -31,12 +30,7 @@ OPTIONS = GenerationOptions(max_new_tokens=8)
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ through the tokenizer's chat template (Qwen-like ChatML here) or ftkit's default
 import json
 
 import pytest
-import torch
 import yaml
 from helpers import tiny_recipe
 from tiny_archs import byte_tokenizer, embedded_tokenizer, save_tiny
@@ -88,12 +87,7 @@ RECORDS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

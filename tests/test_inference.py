@@ -44,13 +44,7 @@ PROMPTS = [
 MERGE_TOLERANCE = 1e-5  # max |logit difference| merged vs adapter, fp32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and spinning threads stall on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @dataclass

@@ -12,13 +12,7 @@ from ftkit.adapters import AdapterArgs, merge_and_export
 from ftkit.errors import ConfigError
 from ftkit.train import Trainer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
