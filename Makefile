@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# -q: an ftkit error stays the last line on screen (no Accelerate traceback after it)
+# -q: an ftkit error stays the last line on screen (no Accelerate traceback after it); with
+# several processes `ftkit launch` does the same for torchrun's failure report.
 ACCELERATE := $(PY) -m accelerate.commands.launch -q
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 # Without a GPU, install the CPU build of torch first (a bare `torch` pulls a multi-GB CUDA build).
@@ -41,8 +42,8 @@ train: install
 		recipes/alpaca_lora.py $(RECIPE_ARGS)
 
 train-ddp: install
-	$(DDP_CPU_ENV) $(ACCELERATE) --config_file accelerate_configs/ddp_2gpu_fp16.yaml $(DDP_CPU_FLAGS) \
-		recipes/alpaca_lora.py --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS)
+	$(DDP_CPU_ENV) $(PY) -m ftkit launch --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS) \
+		-- --config_file accelerate_configs/ddp_2gpu_fp16.yaml $(DDP_CPU_FLAGS)
 
 compare-lora: install
 	$(PY) -m ftkit compare --output_dir outputs/lora-parity

@@ -6,8 +6,7 @@ The recipe YAML says *what* to train; the Accelerate config says *how* (precisio
     accelerate launch -q --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py --lora_impl ftkit
     accelerate launch -q --config_file accelerate_configs/single_gpu_fp16.yaml \
         recipes/alpaca_lora.py --config llama2-7b
-    accelerate launch -q --config_file accelerate_configs/ddp_2gpu_fp16.yaml \
-        recipes/alpaca_lora.py --config llama2-7b                    # two T4s
+    ftkit launch --config llama2-7b -- --config_file accelerate_configs/ddp_2gpu_fp16.yaml  # 2 T4s
 
 ``--config`` takes a shipped recipe name (tiny, llama2-7b, bloom-1b7) or a YAML path; any recipe
 field can be overridden as ``--field value``.

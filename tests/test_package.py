@@ -61,6 +61,7 @@ def test_no_module_builds_a_path_outside_the_package():
 def test_ftkit_help_lists_every_subcommand(capsys, monkeypatch):
     expected = {
         "train",
+        "launch",
         "generate",
         "merge",
         "evaluate",
@@ -99,7 +100,7 @@ def test_unknown_subcommand_is_one_error_line(capsys):
     assert main(["trian"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "ftkit error: unknown command 'trian'; one of: "
-        "train, generate, merge, evaluate, estimate, compare, ablation, bench"
+        "train, launch, generate, merge, evaluate, estimate, compare, ablation, bench"
     ]
 
 

@@ -2,7 +2,10 @@
 values that train nothing, file modes, full disks, the held-out split, DDP with few records."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -509,17 +512,25 @@ def test_an_adapter_dir_without_its_weights_is_one_line(run, tmp_path, capsys):
 # -- under `accelerate launch`, the ftkit error is the last line on screen --------------------------
 
 
+MULTI_PROCESS = ("ddp", "deepspeed", "fsdp", "multi_gpu", "num_processes", "num_machines")
+
+
 def test_documented_launch_commands_are_quiet():
+    """Single-process commands use ``accelerate launch -q``; multi-process ones ``ftkit launch``
+    (``-q`` does not silence torchrun's failure report)."""
     from helpers import REPO
 
     makefile = (REPO / "Makefile").read_text()
     assert "ACCELERATE := $(PY) -m accelerate.commands.launch -q\n" in makefile
+    ddp_target = makefile[makefile.index("\ntrain-ddp:") :].split("\n\n")[0]
+    assert "$(PY) -m ftkit launch --output_dir" in ddp_target
+    assert "-- --config_file accelerate_configs/ddp_2gpu_fp16.yaml" in ddp_target
     for doc in (REPO / "README.md", REPO / "recipes" / "alpaca_lora.py"):
-        commands = [
-            line.strip() for line in doc.read_text().splitlines()
-            if line.strip().startswith("accelerate launch")
-        ]  # fmt: skip
-        assert commands and all(c.startswith("accelerate launch -q ") for c in commands), doc
+        lines = [line.strip() for line in doc.read_text().splitlines()]
+        accelerate = [line for line in lines if line.startswith("accelerate launch")]
+        assert accelerate and all(c.startswith("accelerate launch -q ") for c in accelerate), doc
+        assert not [c for c in accelerate if any(word in c for word in MULTI_PROCESS)], doc
+        assert any(line.startswith("ftkit launch --config") for line in lines), doc
 
 
 @pytest.mark.slow
@@ -536,20 +547,31 @@ def test_a_bad_flag_under_accelerate_launch_q_ends_with_the_ftkit_error():
 
 
 @pytest.mark.slow
-def test_ddp_with_fewer_records_than_one_batch_per_rank_is_refused(
+def test_ddp_with_fewer_records_than_one_batch_per_rank_is_refused_in_one_last_line(
     tiny_llama_dir, alpaca_path, tmp_path
 ):
-    from helpers import accelerate_launch
+    """Under ``ftkit launch`` with two processes the error is the last line, once, exit 2 (bare
+    ``accelerate launch -q`` ends with torchrun's 40-line ChildFailedError report)."""
+    from helpers import REPO
 
     data = write_records(tmp_path / "three.json", 3, alpaca_path)
-    done = accelerate_launch(
-        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
-        "recipes/alpaca_lora.py",
-        "--model_name_or_path", str(tiny_llama_dir), "--dataset", str(data),
-        "--validation_size", "0", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
-        "--max_length", "320", "--per_device_train_batch_size", "4",
-        ACCELERATE_USE_CPU="true",
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "ftkit", "launch",
+            "--model_name_or_path", str(tiny_llama_dir), "--dataset", str(data),
+            "--validation_size", "0", "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+            "--max_length", "320", "--per_device_train_batch_size", "4", "--",
+            "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+        ],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src"), "ACCELERATE_USE_CPU": "true"},
     )  # fmt: skip
-    assert done.returncode != 0
-    assert "ftkit error: 3 training records cannot fill one batch of 4 on each of 2" in done.stderr
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith(
+        "ftkit error: 3 training records cannot fill one batch of 4 on each of 2"
+    )
+    assert sum(line.startswith("ftkit error:") for line in lines) == 1, done.stderr[-3000:]
+    assert "ChildFailedError" not in done.stderr
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

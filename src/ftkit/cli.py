@@ -1,6 +1,7 @@
 """The ``ftkit`` command: one subcommand per job, one ``ftkit error:`` line (exit 2) for bad input.
 
     ftkit train [--config NAME|PATH] [--field value ...]   fine-tune (the recipe's flags)
+    ftkit launch [TRAIN FLAGS] -- [ACCELERATE FLAGS]       the same under `accelerate launch`
     ftkit generate | merge | evaluate                      use a trained adapter
     ftkit estimate | compare | ablation | bench            the measurement lab
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from ftkit import quiet
 from ftkit.config import ArgParser
 from ftkit.errors import FtkitError
+from ftkit.launcher import report_error, run_launcher, split_launch_args
 
 PROG = "ftkit"
 
@@ -42,18 +44,36 @@ def setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run_main(main: Callable[[], object]) -> int:
+def run_main(main: Callable[[], int | None]) -> int:
     """Run ``main``; a user mistake (``FtkitError``) becomes one line on stderr and exit code 2."""
     try:
         setup_logging()
-        main()
+        return main() or 0
     except FtkitError as exc:
-        print(f"ftkit error: {exc}", file=sys.stderr)
+        report_error(str(exc))
         return 2
-    return 0
 
 
 # -- core commands --------------------------------------------------------------------------------
+
+
+LAUNCH_USAGE = f"""usage: {PROG} launch [TRAIN FLAGS] -- [ACCELERATE LAUNCH FLAGS]
+
+Runs `accelerate launch -q ACCELERATE_FLAGS -m ftkit train TRAIN_FLAGS`. The recipe is checked
+here first; with several processes an ftkit error stays the last line on screen (torchrun's
+failure report is held back). The train flags:
+"""
+
+
+def launch(argv: list[str]) -> int:
+    from ftkit.config import DEFAULT_RECIPE, parse_recipe
+
+    train_flags, launcher_flags = split_launch_args(argv)
+    if "-h" in train_flags or "--help" in train_flags:
+        print(LAUNCH_USAGE)
+    # Bad input fails here, in one line, before any process starts.
+    parse_recipe(train_flags, default_config=DEFAULT_RECIPE, prog=f"{PROG} launch")
+    return run_launcher(train_flags, launcher_flags)
 
 
 def train(argv: list[str]) -> None:
@@ -261,8 +281,9 @@ def bench(argv: list[str]) -> None:
     _run_grid(parser.parse_args(argv))
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+COMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
     "train": (train, "fine-tune with LoRA (recipe flags; --config NAME|PATH)"),
+    "launch": (launch, "train under `accelerate launch` (DDP, DeepSpeed, FSDP, several nodes)"),
     "generate": (generate, "generate with a trained adapter (and its base, before/after)"),
     "merge": (merge, "merge an adapter into its base: a standalone model"),
     "evaluate": (evaluate, "loss and perplexity, base vs fine-tuned, on held-out data"),
