@@ -367,3 +367,27 @@ def test_accelerate_launch_trains_a_chat_file_with_no_other_flag(model_dirs, dat
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_a_chat_run_computes_logits_only_at_assistant_tokens(model_dirs, data_files, tmp_path):
+    """supervised_logits_only on a chat file: the head runs exactly at the positions whose target
+    is an assistant token (byte tokenizer: one token per byte, plus <|im_end|>)."""
+    recipe = tiny_recipe(
+        model_dirs["qwen2"], data_files["messages"], tmp_path, num_samples=4,
+        per_device_train_batch_size=4, padding_free="true",
+    )  # fmt: skip
+    trainer = Trainer(recipe)
+    core = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
+    seen = []
+    core.register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
+    trainer.backward_window(next(trainer.windows()))
+    (call,) = seen
+    keep, row = call["logits_to_keep"], call["input_ids"][0]
+    targets = row[keep + 1].tolist()
+    spans = [[targets[0]]]  # runs of consecutive kept positions
+    for before, at, target in zip(keep[:-1].tolist(), keep[1:].tolist(), targets[1:], strict=True):
+        spans[-1].append(target) if at == before + 1 else spans.append([target])
+    answers = [m["content"] for c in CONVERSATIONS for m in c if m["role"] == "assistant"]
+    decoded = [trainer.tokenizer.decode(span) for span in spans]
+    assert sorted(decoded) == sorted(a + "<|im_end|>" for a in answers)
+    assert len(keep) == sum(len(a.encode()) + 1 for a in answers)

@@ -19,7 +19,7 @@ from ftkit.adapters import merge_and_export as merge_adapter
 from ftkit.cli import main as ftkit_main
 from ftkit.data import IGNORE_INDEX, tokenize_record
 from ftkit.errors import ConfigError, DataError
-from ftkit.evaluate import EvalArgs, evaluate_before_after
+from ftkit.evaluate import EvalArgs, evaluate_before_after, evaluate_loss, tokenize_examples
 from ftkit.generate import (
     GenerationOptions,
     Prompt,
@@ -302,6 +302,25 @@ def test_eval_loss_is_per_supervised_token_for_base_and_adapter(runs, records):
         assert row["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
     assert report.results["base"]["loss"] != report.results["fine-tuned"]["loss"]
     assert "| fine-tuned |" in report.table()
+
+
+def test_eval_runs_the_head_only_at_supervised_positions_with_the_same_loss(runs, records):
+    """``ftkit evaluate`` takes training's supervised-logits path by default."""
+    loaded = load_base(AdapterArgs(str(runs["llama-peft"].out)))
+    examples = tokenize_examples(json.loads(records.read_text()), loaded.tokenizer, 96)
+    rows = []
+    head = loaded.model.get_output_embeddings()
+    head.register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    figures = {}
+    for only in (True, False):
+        rows.clear()
+        figures[only] = (
+            evaluate_loss(loaded.model, loaded.tokenizer, examples, 3, only),
+            sum(rows),
+        )
+    (kept, kept_rows), (full, full_rows) = figures[True], figures[False]
+    assert kept["tokens"] == full["tokens"] <= kept_rows < full_rows
+    assert kept["loss"] == pytest.approx(full["loss"], rel=1e-6)
 
 
 def test_eval_defaults_to_the_runs_held_out_split(runs):

@@ -38,7 +38,7 @@ from ftkit.data import (
     validate_records,
 )
 from ftkit.errors import ConfigError, DataError
-from ftkit.metrics import example_losses, perplexity
+from ftkit.metrics import example_losses, perplexity, use_supervised_logits
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ class EvalArgs:
     batch_size: int = field(default=8, metadata={"help": "Records per forward pass."})
     skip_bad_records: bool = field(
         default=False, metadata={"help": "With --dataset: skip malformed records, don't fail."}
+    )
+    supervised_logits_only: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the LM head only at supervised positions, as training does: the same "
+            "loss, less work (false: full logits)."
+        },
     )
     allow_changed_split: bool = field(
         default=False,
@@ -138,14 +145,17 @@ def tokenize_examples(
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokenizer, examples: Sequence[dict], batch_size: int) -> dict:
+def evaluate_loss(
+    model, tokenizer, examples: Sequence[dict], batch_size: int, supervised_logits_only: bool = True
+) -> dict:
     """Mean cross-entropy per supervised token over tokenised examples, and its perplexity."""
+    supervised_logits_only = use_supervised_logits(supervised_logits_only, model)
     pad = collator(tokenizer)
     device = next(model.parameters()).device
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = pad(list(examples[start : start + batch_size])).to(device)
-        sums, counts = example_losses(model, batch)
+        sums, counts = example_losses(model, batch, supervised_logits_only)
         loss_sum += float(sums.sum())
         tokens += int(counts.sum())  # >= 1: every example supervises a response token
     loss = loss_sum / tokens
@@ -178,7 +188,8 @@ def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
             tokenize_examples, records, max_length=eval_args.max_length, data_format=data_format
         )
     loaded = load_base(args)
-    score = (loaded.tokenizer, examples_for(tokenizer=loaded.tokenizer), eval_args.batch_size)
+    examples = examples_for(tokenizer=loaded.tokenizer)
+    score = (loaded.tokenizer, examples, eval_args.batch_size, eval_args.supervised_logits_only)
     base = evaluate_loss(loaded.model, *score)
     tuned = evaluate_loss(attach_adapter(loaded), *score)
     results = {BASE_LABEL: base, TUNED_LABEL: tuned}
