@@ -62,8 +62,8 @@ bench-throughput: install  # padded vs grouped vs padding-free, full vs supervis
 estimate: install
 	$(PY) -m ftkit estimate --paper
 
-gpu-check:  # stub (issue 11): the GPU check kit is not written yet
-	@echo "make gpu-check needs a CUDA GPU and is not implemented yet (issue 11)"; exit 1
+gpu-check: install  # CUDA only (a few minutes): fp16/bf16, CUDA peak vs planner, FSDP2/ZeRO-3, own vs PEFT
+	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.gpucheck --output_dir outputs/gpu-check --results_dir results
 
 lint: install
 	$(VENV)/bin/ruff check .

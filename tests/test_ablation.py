@@ -143,7 +143,11 @@ def test_table1_pairs_cells_that_differ_in_one_technique_only():
 
 
 def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
-    for name in ("full", "quick", "bench"):
+    from ftkit.lab.ablation import GRIDS_DIR
+
+    shipped = sorted(path.stem for path in GRIDS_DIR.glob("*.yaml"))
+    assert {"full", "quick", "bench", "gpu"} <= set(shipped)
+    for name in shipped:
         grid = Grid.load(name)
         assert len(set(grid.cells)) == len(grid.cells)
     assert len(Grid.load("full").cells) == 24
@@ -171,3 +175,40 @@ def test_filling_records_fill_max_length_or_fall_back_to_the_longest_common_leng
     assert seq == 40 and len(chosen) == 8
     chosen, seq = filling_records(records, tokenizer, 4096, 8)  # no record is that long
     assert len(chosen) == 8 and 40 < seq < 4096
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line():
+    from helpers import run_python
+
+    done = run_python(
+        "import sys; from ftkit.cli import run_main; from ftkit.lab.gpucheck import main; sys.exit(run_main(main))"
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ftkit error: gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); "
+        "the CPU checks are `make test`"
+    )
+
+
+def test_gpu_check_grid_is_the_issue_s_workload(tmp_path):
+    from transformers import LlamaConfig
+
+    from ftkit.lab.ablation import EMBEDDED_TOKENIZER, filling_records
+    from ftkit.lab.gpucheck import device_slug, long_records
+    from ftkit.lab.planner import estimate
+    from ftkit.modeling import load_tokenizer
+
+    grid = Grid.load("gpu")
+    assert grid.max_length == 512 and {c.precision for c in grid.cells} == {"bf16"}
+    assert {(c.micro_batch, c.lora, c.gc) for c in grid.cells} == {
+        (1, "peft", False),
+        (1, "peft", True),
+        (1, "ftkit", False),
+    }
+    params = estimate(LlamaConfig(**grid.model), None).params // 2  # bf16 base: 2 bytes each
+    assert 0.5e9 <= params <= 1.0e9, params
+    assert device_slug("NVIDIA H200") == "nvidia-h200"
+    records = json.loads(long_records(tmp_path / "long.json", grid.records_needed).read_text())
+    tokenizer = load_tokenizer(str(EMBEDDED_TOKENIZER))
+    chosen, seq_len = filling_records(records, tokenizer, 512, grid.records_needed)
+    assert seq_len == 512 and len(chosen) == grid.records_needed  # every micro-batch is 1 x 512

@@ -238,3 +238,21 @@ def test_ddp_recipe_writes_and_logs_on_rank_zero_only(tiny_llama_dir, records, t
     assert len(single.data.eval) == 5
     assert metrics["eval_loss_before"] == pytest.approx(single.evaluate()["eval_loss"], rel=1e-6)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_steps_the_grad_scaler_skips_are_counted_and_hold_the_schedule(
+    tiny_llama_dir, records, tmp_path, monkeypatch
+):
+    """fp16 needs CUDA, so the scaler's verdict is stood in for: steps 2 and 3 overflow."""
+    from accelerate import Accelerator
+
+    verdicts = iter([False, True, True, False])
+    monkeypatch.setattr(
+        Accelerator, "optimizer_step_was_skipped", property(lambda self: next(verdicts))
+    )
+    recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, max_steps=4, lr_scheduler_type="linear")
+    trainer = Trainer(recipe)
+    metrics = trainer.fit().metrics
+    assert metrics["optimizer_steps_skipped"] == 2
+    assert trainer.scheduler.last_epoch == 2  # the schedule advanced on the 2 real updates only
+    assert trainer.progress.state_dict()["skipped_steps"] == 2  # saved with every checkpoint

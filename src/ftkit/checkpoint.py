@@ -39,11 +39,13 @@ RNG_STATE_NAME = "rng_state_{}.json"
 
 @dataclass
 class Progress:
-    """Where training is: optimizer steps done, epoch, micro-batches consumed in this epoch."""
+    """Where training is: optimizer steps done, epoch, micro-batches consumed in this epoch, and
+    the steps fp16's grad scaler skipped (an overflow: no update, the scale halves)."""
 
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    skipped_steps: int = 0
 
     def advance(self, micro_batches: int) -> None:
         self.step += 1

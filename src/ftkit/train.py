@@ -309,7 +309,9 @@ class Trainer:
                 self.recipe.train.max_grad_norm,
             )
         self.optimizer.step()
-        if not self.accelerator.optimizer_step_was_skipped:
+        if self.accelerator.optimizer_step_was_skipped:
+            self.progress.skipped_steps += 1
+        else:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return None if grad_norm is None else float(grad_norm)
@@ -440,6 +442,7 @@ class Trainer:
             "eval_perplexity_before": before.get("eval_perplexity"),
             "eval_perplexity": after.get("eval_perplexity"),
             "steps": self.progress.step,
+            "optimizer_steps_skipped": self.progress.skipped_steps,
             "wall_time_s": wall_time,
             "train_records": len(self.data.train),
             "eval_records": len(self.data.eval),

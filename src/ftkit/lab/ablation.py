@@ -320,6 +320,7 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
         "lora": cell.lora,
         "gc": "on" if cell.gc else "off",
         "peak_bytes": mem["peak_bytes"],
+        "reserved_bytes": mem["reserved_bytes"],  # CUDA's caching allocator; None on CPU
         **{f"{c}_bytes": v for c, v in measured.items()},
         "planned_bytes": planned.total,
         **{f"planned_{c}_bytes": getattr(planned, c) for c in CATEGORIES},
