@@ -60,6 +60,7 @@ NOT_IDENTITY = frozenset(
         "push_to_hub",
         "hub_model_id",
         "hub_private_repo",
+        "ddp_timeout",  # how long to wait for a lost node, not what is computed
     }
 )
 
