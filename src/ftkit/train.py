@@ -145,6 +145,8 @@ class Trainer:
         self.accelerator = accelerator or make_accelerator(
             recipe.train.ddp_timeout, **tracker_kwargs
         )
+        # The first collective: every node must see the output dir the main process writes.
+        rundir.check_shared_output_dir(self.accelerator, self.output_dir)
         set_seed(recipe.train.seed)
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
