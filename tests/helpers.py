@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -53,15 +55,62 @@ def run_python(code: str, *args: str, timeout: int = 300) -> subprocess.Complete
     )
 
 
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
+
+
+def _launch_env(env: dict) -> dict:
+    """The children (launcher and every worker) import this checkout's ftkit."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), **env}
+
+
 def accelerate_launch(*args: str, timeout: int = 400, **env) -> subprocess.CompletedProcess:
     """``accelerate launch`` as users run it, in a subprocess."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **env}
     return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", *args],
+        [*ACCELERATE_LAUNCH, *args],
         capture_output=True,
         text=True,
-        env=full_env,
+        env=_launch_env(env),
         cwd=REPO,
         timeout=timeout,
         check=False,
     )
+
+
+def start_accelerate_launch(*args: str, stderr, **env) -> subprocess.Popen:
+    """``accelerate launch`` in the background (one simulated node), its stderr to ``stderr``.
+
+    Its own session, so :func:`kill_launch` can end it whatever it started.
+    """
+    return subprocess.Popen(
+        [*ACCELERATE_LAUNCH, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        env=_launch_env(env),
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def launch_workers(launch: subprocess.Popen) -> list:
+    """The worker processes of a running launch (psutil.Process objects)."""
+    import psutil
+
+    try:
+        return psutil.Process(launch.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_launch(launch: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to a launch and to every process it started (torchrun puts each worker in a
+    session of its own: the launcher's process group alone would leave the workers running)."""
+    import psutil
+
+    procs = launch_workers(launch)  # before the launcher dies and its children are re-parented
+    if launch.poll() is None:
+        procs.append(psutil.Process(launch.pid))
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        launch.wait(timeout=30)

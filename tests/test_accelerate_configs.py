@@ -13,6 +13,7 @@ EXPECTED = {
     "single_gpu_fp16.yaml": (DistributedType.NO, "fp16", 1),
     "single_gpu_bf16.yaml": (DistributedType.NO, "bf16", 1),
     "ddp_2gpu_fp16.yaml": (DistributedType.MULTI_GPU, "fp16", 2),
+    "multi_node_2x2_fp16.yaml": (DistributedType.MULTI_GPU, "fp16", 4),
     "fsdp_full_shard.yaml": (DistributedType.FSDP, "bf16", 2),
     "fsdp2.yaml": (DistributedType.FSDP, "bf16", 2),
     "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, "fp16", 2),
@@ -44,3 +45,17 @@ def test_config_loads_with_accelerates_loader(name):
         assert config.deepspeed_config["zero_stage"] == int(re.search(r"zero(\d)", name).group(1))
         # Clipping comes from the recipe (ftkit refuses a different explicit value).
         assert "gradient_clipping" not in config.deepspeed_config
+
+
+def test_multi_node_config_launches_one_machine_of_two():
+    """2 machines x 2 processes, static rendezvous on node 0's address (a placeholder to replace
+    with --main_process_ip); tests/test_multinode.py launches it on loopback."""
+    path = CONFIGS / "multi_node_2x2_fp16.yaml"
+    config = load_config_from_file(str(path))
+    assert (config.num_machines, config.num_processes, config.machine_rank) == (2, 4, 0)
+    assert (config.rdzv_backend, config.same_network, config.main_process_port) == (
+        "static",
+        True,
+        29500,
+    )
+    assert config.main_process_ip and "--main_process_ip" in path.read_text()

@@ -81,3 +81,13 @@ def test_resolved_recipe_round_trips(tmp_path):
     save_recipe(recipe, tmp_path / "resolved.yaml")
     assert parse_recipe(["--config", str(tmp_path / "resolved.yaml")]) == recipe
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_ddp_timeout_is_seconds_and_not_part_of_the_run_identity():
+    from ftkit.rundir import fingerprint, identity_fields
+
+    assert parse_recipe([]).train.ddp_timeout == 1800  # the HF Trainer's default
+    with pytest.raises(ConfigError, match="ddp_timeout must be >= 1 second, got 0"):
+        parse_recipe(["--ddp_timeout", "0"])
+    short = parse_recipe(["--ddp_timeout", "20"])
+    assert fingerprint(identity_fields(short)) == fingerprint(identity_fields(parse_recipe([])))

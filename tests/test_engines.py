@@ -211,6 +211,25 @@ def test_zero2_checkpoint_resume_equals_straight(tiny_llama_dir, records, tmp_pa
 # -- what was asked for is what runs (no launch needed) ------------------------------------------
 
 
+def test_ddp_timeout_goes_to_one_process_group_handler(monkeypatch):
+    """One InitProcessGroupKwargs carries the recipe's timeout (and gloo for DeepSpeed on CPU)."""
+    from datetime import timedelta
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plain = engines.accelerator_kwargs(None, cuda=False, ddp_timeout=42)
+    deepspeed = engines.accelerator_kwargs("deepspeed", cuda=False, ddp_timeout=42)
+    assert plain["cpu"] is True and deepspeed["cpu"] is False
+    assert [h.to_kwargs() for h in plain["kwargs_handlers"]] == [{"timeout": timedelta(seconds=42)}]
+    assert [h.to_kwargs() for h in deepspeed["kwargs_handlers"]] == [
+        {"backend": "gloo", "timeout": timedelta(seconds=42)}
+    ]
+    # Accelerate drops a timeout equal to its NCCL default (600 s): gloo would wait 1800 s.
+    with pytest.raises(ConfigError, match="ddp_timeout 600 cannot reach the gloo process group"):
+        engines.accelerator_kwargs(None, cuda=False, ddp_timeout=600)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no process group, nothing to refuse
+    assert engines.accelerator_kwargs(None, cuda=False, ddp_timeout=600)["cpu"] is True
+
+
 def test_fsdp_without_cuda_is_refused_before_anything_loads(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("FSDP runs through Accelerate on GPUs")
@@ -327,6 +346,7 @@ def test_trainer_refuses_full_fp16_finetune_before_loading(tiny_llama_dir, recor
         main_process_first=contextlib.nullcontext,
         distributed_type=None,
         device=torch.device("cpu"),
+        num_processes=1,
     )
     recipe = tiny_recipe(
         tiny_llama_dir, records, tmp_path, lora_impl="none", model_dtype="fp16", num_samples=4

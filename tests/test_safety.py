@@ -464,7 +464,9 @@ def test_too_few_records_for_one_batch_per_rank_is_refused():
     check(16, 4, 2)
 
 
-def test_a_checkpoint_from_another_process_count_is_refused(tiny_llama_dir, records, tmp_path):
+def test_a_checkpoint_from_another_process_count_or_lacking_a_rank_is_refused(
+    tiny_llama_dir, records, tmp_path
+):
     from ftkit.errors import FtkitError
 
     common = dict(max_steps=2, save_steps=1)
@@ -478,6 +480,12 @@ def test_a_checkpoint_from_another_process_count_is_refused(tiny_llama_dir, reco
         tiny_llama_dir, records, tmp_path, **common, resume_from_checkpoint=str(ckpt)
     )
     with pytest.raises(FtkitError, match=r"written by 2 process\(es\) and this run has 1"):
+        Trainer(recipe).fit()
+    # A checkpoint without one rank's state (its node wrote elsewhere) is refused by every rank.
+    state["world_size"] = 1
+    (ckpt / "ftkit_state.json").write_text(json.dumps(state))
+    (ckpt / "rng_state_0.json").unlink()
+    with pytest.raises(FtkitError, match=r"lacks the state of rank\(s\) \[0\]"):
         Trainer(recipe).fit()
 
 

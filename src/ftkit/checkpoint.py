@@ -153,6 +153,11 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data) + "\n", encoding="utf-8")
 
 
+def missing_ranks(path: Path, num_processes: int) -> list[int]:
+    """The ranks whose own state (``rng_state_<rank>.json``) a checkpoint dir lacks."""
+    return [r for r in range(num_processes) if not (path / RNG_STATE_NAME.format(r)).is_file()]
+
+
 def save(
     accelerator: Accelerator,
     output_dir: Path,
@@ -185,6 +190,13 @@ def save(
         _write_json(scratch / RNG_STATE_NAME.format(accelerator.process_index), rng_state())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            missing = missing_ranks(scratch, accelerator.num_processes)
+            if missing:
+                raise FtkitError(
+                    f"checkpoint {step}: the state of rank(s) {missing} did not reach {scratch} "
+                    "(output_dir is not the same directory on every node): put output_dir on a "
+                    "filesystem every node mounts at the same path"
+                )
             for pickled in scratch.glob("random_states_*.pkl"):  # ours is rng_state_N.json
                 pickled.unlink()
             state = {
@@ -267,6 +279,12 @@ def resume(
             f"checkpoint {path} was written by {saved_by} process(es) and this run has "
             f"{accelerator.num_processes}: the data position would not match; resume with "
             f"{saved_by} process(es)"
+        )
+    missing = missing_ranks(path, accelerator.num_processes)
+    if missing:  # checked by every rank alike: none starts loading while another refuses
+        raise FtkitError(
+            f"checkpoint {path} lacks the state of rank(s) {missing} "
+            f"({RNG_STATE_NAME.format(missing[0])}): it is incomplete; resume from another one"
         )
     rng_path = path / RNG_STATE_NAME.format(accelerator.process_index)
     try:

@@ -261,6 +261,14 @@ class TrainConfig:
         default=False,
         metadata={"help": "Replace another run in output_dir (only the files ftkit wrote for it)."},
     )
+    ddp_timeout: int = field(
+        default=1800,
+        metadata={
+            "help": "Seconds a process waits for the others in a collective before the run "
+            "stops with one error line (the process-group timeout, as in the HF Trainer): a "
+            "node that stops answering ends the run within this time."
+        },
+    )
 
     def __post_init__(self):
         _require(
@@ -283,6 +291,7 @@ class TrainConfig:
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)")
         _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
         _require(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
+        _require(self.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
         if self.report_to != "none":
             from ftkit.tracking import parse_report_to  # imports accelerate: only when asked
 

@@ -19,8 +19,10 @@ Accelerate hides most differences; these are the ones it does not:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -33,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 class EngineError(FtkitError):
     """The distributed engine asked for is not the one that would run."""
+
+
+class PeerLostError(FtkitError):
+    """Another process of the run stopped answering (``ddp_timeout``) or went away."""
 
 
 def _env_flag(name: str) -> bool:
@@ -48,21 +54,37 @@ def requested_engine() -> str | None:
     return None
 
 
-def accelerator_kwargs(engine: str | None, cuda: bool) -> dict:
-    """The Accelerator arguments that make ``engine`` really run on this machine."""
+def accelerator_kwargs(engine: str | None, cuda: bool, ddp_timeout: int = 1800) -> dict:
+    """The Accelerator arguments that make ``engine`` really run on this machine, with the
+    recipe's process-group timeout (``ddp_timeout`` seconds) in one ``InitProcessGroupKwargs``."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     if engine == "fsdp" and not cuda:
         raise EngineError(
             "the accelerate config asks for FSDP, which Accelerate runs only on GPUs and this "
             "machine has no CUDA device: use accelerate_configs/deepspeed_zero3_cpu.yaml (ZeRO-3 "
             "shards the same way on CPU) or a DDP/CPU config"
         )
+    group = {"timeout": timedelta(seconds=ddp_timeout)}
     if engine == "deepspeed" and not cuda:
-        from accelerate.utils import InitProcessGroupKwargs
-
         # DeepSpeed's CPU accelerator needs gloo (no oneCCL): without it every rank believes it
         # is rank 0 of 1. cpu=True would select plain DDP instead of DeepSpeed.
-        return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    return {"cpu": not cuda}
+        group["backend"] = "gloo"
+    handler = InitProcessGroupKwargs(**group)
+    if not cuda and "timeout" not in handler.to_kwargs() and _world_size() > 1:
+        # to_kwargs() drops values equal to its NCCL default (600 s); gloo would then wait
+        # torch's 1800 s instead of the recipe's value.
+        raise ConfigError(
+            f"ddp_timeout {ddp_timeout} cannot reach the gloo process group (Accelerate drops a "
+            "timeout equal to its NCCL default, and gloo would wait 1800 s): use 599 or 601"
+        )
+    return {"cpu": not cuda and engine != "deepspeed", "kwargs_handlers": [handler]}
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_engine(accelerator: Accelerator, engine: str | None) -> None:
@@ -79,7 +101,7 @@ def check_engine(accelerator: Accelerator, engine: str | None) -> None:
             f"the accelerate config asks for {engine} but Accelerate set up {actual}{hint}; "
             "refusing to train with another engine than the one asked for"
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _world_size()
     if world != accelerator.num_processes:
         raise EngineError(
             f"the launcher started {world} processes but Accelerate sees "
@@ -266,3 +288,48 @@ def gather_trainable(named, *, zero3: bool = False, fsdp1_state=None):
         full = fsdp1_state() or {}
         return {n: full[n] for n, _ in named if n in full}
     return None
+
+
+# -- a lost node ----------------------------------------------------------------------------------
+
+# gloo raises a plain RuntimeError (not torch.distributed.DistError) for a peer that timed out or
+# closed its connection; these are the parts of its messages that say so.
+_GLOO_PEER_LOST = ("gloo/transport", "Connection closed by peer", "Connection reset by peer")
+
+
+def _peer_lost(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(part in str(err) for part in _GLOO_PEER_LOST)
+
+
+@contextlib.contextmanager
+def peer_failures(ddp_timeout: int, resume_hint: Callable[[], str]) -> Iterator[None]:
+    """Turn a collective that failed because another node stopped answering (for longer than
+    ``ddp_timeout`` s) or crashed into one :class:`PeerLostError` line, naming where to resume.
+
+    The broken process group is destroyed first: left to the interpreter's exit, gloo's threads
+    abort the process ("terminate called without an active exception") after the error line.
+    """
+    import torch.distributed as dist
+
+    try:
+        yield
+    except Exception as err:
+        if not (dist.is_available() and dist.is_initialized() and _peer_lost(err)):
+            raise
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        detail = detail.split("] ", 1)[-1].split(". ", 1)[0]  # no gloo source line, no advice
+        cause = (
+            f"no answer within ddp_timeout={ddp_timeout} s"
+            if "Timed out" in detail or "timed out" in detail
+            else "a process of the run went away"
+        )
+        raise PeerLostError(
+            f"lost contact with another node or process of the run ({cause}: {detail}); "
+            f"{resume_hint()}"
+        ) from err

@@ -60,6 +60,7 @@ NOT_IDENTITY = frozenset(
         "push_to_hub",
         "hub_model_id",
         "hub_private_repo",
+        "ddp_timeout",  # how long to wait for a lost node, not what is computed
     }
 )
 
@@ -155,6 +156,59 @@ def check_output_dir(output_dir) -> None:
         )
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {path} is not writable ({probe}); pick another output_dir")
+
+
+SHARED_PROBE_PREFIX = ".ftkit-shared-"
+
+
+def check_shared_output_dir(accelerator, output_dir, attempts: int = 10) -> None:
+    """Refuse, on every process, an ``output_dir`` that not all nodes see (before the model loads).
+
+    ftkit writes one run per output dir: the main process commits the adapter, the marker and the
+    metrics, and every process writes its own state into each checkpoint there. A node-local dir
+    would leave the other nodes' ranks' state nowhere a resume could find it. The main process
+    writes a random probe file; every node's local main process looks for it (a few tries, for
+    network filesystems that show new files late); the answers are gathered so that all nodes
+    stop with the same line instead of waiting for each other.
+    """
+    if accelerator.num_processes == 1:
+        return
+    import secrets
+    import socket
+    import time
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    path = Path(output_dir)
+    created = False
+    names = [None]
+    if accelerator.is_main_process:
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
+        names[0] = SHARED_PROBE_PREFIX + secrets.token_hex(8)
+        (path / names[0]).write_text(names[0])
+    probe = path / broadcast_object_list(names)[0]  # after the write: the others wait for it
+    seen = True
+    if accelerator.is_local_main_process and not accelerator.is_main_process:
+        for _ in range(attempts):
+            seen = probe.is_file()
+            if seen:
+                break
+            time.sleep(0.2)
+    answers = gather_object([(accelerator.process_index, socket.gethostname(), seen)])
+    if accelerator.is_main_process:
+        probe.unlink(missing_ok=True)
+    blind = [(rank, host) for rank, host, ok in answers if not ok]
+    if not blind:
+        return
+    if accelerator.is_main_process and created:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only the (now empty) dir this check made
+    who = ", ".join(f"rank {rank} on {host}" for rank, host in blind)
+    raise RunDirError(
+        f"output_dir {path} is not shared between nodes ({who} cannot see the file rank 0 wrote "
+        "there): put it on a filesystem every node mounts at the same path"
+    )
 
 
 def foreign_entries(output_dir: Path, marker: RunMarker | None) -> list[str]:

@@ -69,14 +69,17 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def make_accelerator(**kwargs) -> Accelerator:
-    """The run's Accelerator; ``kwargs`` (e.g. ``log_with``, ``project_dir``) go to it as they are."""
+def make_accelerator(ddp_timeout: int = 1800, **kwargs) -> Accelerator:
+    """The run's Accelerator; ``kwargs`` (e.g. ``log_with``, ``project_dir``) go to it as they are.
+
+    ``ddp_timeout`` (seconds) bounds every collective: a node that stops answering ends the run.
+    """
     precision = resolve_mixed_precision(
         requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
     )
     engine = engines.requested_engine()  # DeepSpeed/FSDP asked for by the accelerate config
     accelerator = Accelerator(
-        **engines.accelerator_kwargs(engine, torch.cuda.is_available()),
+        **engines.accelerator_kwargs(engine, torch.cuda.is_available(), ddp_timeout),
         mixed_precision=precision,
         # Accumulation is windowed in Trainer.backward_window (Accelerate's documented recipe for
         # per-token losses); accumulate() would miss the sync on a prefetched partial window.
@@ -139,7 +142,11 @@ class Trainer:
         # collective and writes complete weights from every rank and node (its own file lock).
         self.base_path = resolve_model_path(recipe.model.model_name_or_path)
         self.memory = PeakMemoryMeter(pin_malloc=recipe.train.exact_peak_memory).start()
-        self.accelerator = accelerator or make_accelerator(**tracker_kwargs)
+        self.accelerator = accelerator or make_accelerator(
+            recipe.train.ddp_timeout, **tracker_kwargs
+        )
+        # The first collective: every node must see the output dir the main process writes.
+        rundir.check_shared_output_dir(self.accelerator, self.output_dir)
         set_seed(recipe.train.seed)
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
@@ -412,26 +419,28 @@ class Trainer:
         steps.start()
         steps.track(before, self.progress.step)
         start = time.perf_counter()
-        for window in self.windows():
-            row = self.train_step(window)
-            step = row["step"]
-            bar.update(1)
-            steps.train_step(row)
-            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
-                steps.evaluation(step, self.evaluate())
-            if cfg.save_steps and step % cfg.save_steps == 0:
-                checkpoint.save(
-                    acc,
-                    self.output_dir,
-                    step,
-                    cfg.save_total_limit,
-                    objects=self.checkpointed,
-                    extra=self._run_state(),
-                )
-            if step >= self.total_steps:
-                break
-        steps.flush()
-        bar.close()
+        try:
+            for window in self.windows():
+                row = self.train_step(window)
+                step = row["step"]
+                bar.update(1)
+                steps.train_step(row)
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
+                    steps.evaluation(step, self.evaluate())
+                if cfg.save_steps and step % cfg.save_steps == 0:
+                    checkpoint.save(
+                        acc,
+                        self.output_dir,
+                        step,
+                        cfg.save_total_limit,
+                        objects=self.checkpointed,
+                        extra=self._run_state(),
+                    )
+                if step >= self.total_steps:
+                    break
+            steps.flush()
+        finally:
+            bar.close()  # on an error too: the bar's line ends before the error line
         wall_time = time.perf_counter() - start
         after = self.evaluate()
         steps.track(after, self.progress.step)
@@ -531,4 +540,19 @@ class Trainer:
 
 
 def train(recipe: Recipe) -> TrainResult:
-    return Trainer(recipe).fit()
+    """One run; a lost node (stopped or crashed) is one ``ftkit error:`` line, never a hang."""
+    with engines.peer_failures(recipe.train.ddp_timeout, partial(_resume_hint, recipe)):
+        return Trainer(recipe).fit()
+
+
+def _resume_hint(recipe: Recipe) -> str:
+    """Where a lost run can continue from: its newest complete checkpoint, if any."""
+    found = checkpoint.checkpoints(
+        recipe.train.output_dir, rundir.fingerprint(rundir.identity_fields(recipe))
+    )
+    if not found:
+        return "no checkpoint was saved yet (set save_steps to make a run resumable)"
+    return (
+        f"the last complete checkpoint is {found[-1]}: once every node is up, rerun with "
+        "--resume_from_checkpoint latest"
+    )
