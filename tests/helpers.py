@@ -76,13 +76,15 @@ def accelerate_launch(*args: str, timeout: int = 400, **env) -> subprocess.Compl
     )
 
 
-def start_accelerate_launch(*args: str, stderr, **env) -> subprocess.Popen:
-    """``accelerate launch`` in the background (one simulated node), its stderr to ``stderr``.
+FTKIT_LAUNCH = (sys.executable, "-m", "ftkit", "launch")
 
-    Its own session, so :func:`kill_launch` can end it whatever it started.
+
+def start_launch(*args: str, stderr, launcher=ACCELERATE_LAUNCH, **env) -> subprocess.Popen:
+    """``accelerate launch`` (or ``ftkit launch``) in the background (one simulated node), its
+    stderr to ``stderr``. Its own session, so :func:`kill_launch` can end whatever it started.
     """
     return subprocess.Popen(
-        [*ACCELERATE_LAUNCH, *args],
+        [*launcher, *args],
         stdout=subprocess.DEVNULL,
         stderr=stderr,
         env=_launch_env(env),

@@ -1,5 +1,5 @@
-"""Two nodes simulated on one machine: two `accelerate launch` processes with the shipped
-multi-node config (``--machine_rank 0|1 --main_process_ip 127.0.0.1``), one CPU process each,
+"""Two nodes simulated on one machine: two `ftkit launch` processes (`accelerate launch`
+underneath) with the shipped multi-node config (``--machine_rank 0|1 --main_process_ip 127.0.0.1``), one CPU process each,
 gloo over loopback, the embedded default recipe; as a user runs them on two hosts.
 
 What is proven: each node's fresh ``FTKIT_HOME`` (or one shared) ends up with the complete base,
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, accelerate_launch, kill_launch, launch_workers, start_accelerate_launch
+from helpers import FTKIT_LAUNCH, REPO, accelerate_launch, kill_launch, launch_workers, start_launch
 from safetensors.torch import load_file
 
 from ftkit import checkpoint, embedded
@@ -36,10 +36,6 @@ SCRIPT = str(REPO / "recipes" / "alpaca_lora.py")
 # enough to stop a node after its first checkpoint (a step takes ~0.1 s).
 RUN = {"num_samples": 16, "validation_size": 0, "per_device_train_batch_size": 2, "max_steps": 20}
 LAUNCH_TIMEOUT = 240  # one two-node run takes 10-20 s here (plus ~10 s to build a fresh base)
-# torchrun's agent reports a failed worker after it (glog lines, then its traceback).
-_AGENT_REPORT = re.compile(
-    r"^([EWI]\d{4} \d\d:\d\d:\d\d\.\d+ .*torch/distributed/elastic|Traceback)"
-)
 
 
 def flags(values: dict) -> list[str]:
@@ -63,13 +59,13 @@ def two_nodes(logs: Path, outputs, values: dict, homes=(None, None)):
             if homes[rank] is not None:
                 env["FTKIT_HOME"] = str(homes[rank])
             args = [
-                "-q", "--config_file", str(CONFIG), *CPU_FLAGS,
+                "--output_dir", str(outputs[rank]), *flags(values), "--",
+                "--config_file", str(CONFIG), *CPU_FLAGS,
                 "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
                 "--main_process_port", str(port),
-                SCRIPT, "--output_dir", str(outputs[rank]), *flags(values),
             ]  # fmt: skip
             with open(logs / f"node{rank}.err", "w") as stderr:
-                launches.append(start_accelerate_launch(*args, stderr=stderr, **env))
+                launches.append(start_launch(*args, stderr=stderr, launcher=FTKIT_LAUNCH, **env))
         yield launches
     finally:
         for launch in launches:
@@ -90,20 +86,10 @@ def run_two_nodes(tmp_path: Path, outputs, values: dict, homes=(None, None)) -> 
     return errs
 
 
-def worker_lines(err: str) -> list[str]:
-    """What the node's worker printed: the non-blank lines before torchrun's failure report."""
-    lines = []
-    for line in err.splitlines():
-        if _AGENT_REPORT.match(line):
-            break
-        if line.strip():
-            lines.append(line)
-    return lines
-
-
 def one_clear_line(err: str) -> str:
-    """The worker's last line: its only ``ftkit error:`` line (a traceback would end it early)."""
-    lines = worker_lines(err)
+    """The node's last line on screen: its only ``ftkit error:`` line (``ftkit launch`` holds
+    torchrun's failure report back; a traceback would end the output instead)."""
+    lines = [line for line in err.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("ftkit error: "), err[-3000:]
     assert err.count("ftkit error:") == 1, err[-3000:]
     return lines[-1]
