@@ -158,7 +158,7 @@ def workload_recipe(args, model_dir: Path, data: Path) -> dict:
 
 
 def sequences_trained(records: int, batch_size: int, steps: int) -> int:
-    """Sequences in ``steps`` batches of an unshuffled-size DataLoader (last batch of an epoch short)."""
+    """Sequences in the first ``steps`` batches over ``records`` (each epoch's last may be short)."""
     per_epoch = -(-records // batch_size)
     epochs, rest = divmod(steps, per_epoch)
     return epochs * records + min(rest * batch_size, records)
@@ -347,7 +347,7 @@ def _pct(x: float | None) -> str:
 def report(table, checks, args, command: str, machine: str) -> str:
     by_key = {row["system"]: row for row in table}
     lines = [
-        "# ftkit vs peers on CPU (`make bench-peers`)",
+        "# ftkit vs peers (`make bench-peers`)",
         "",
         f"Machine: {machine}. Command: `{command}`.",
         f"Workload: LLaMA-shaped model from config (hidden {args.hidden}, {args.layers} layers, "
