@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -91,7 +92,12 @@ def run_measured(command: list[str], env: dict | None = None) -> Finished:
                 (os.POSIX_SPAWN_DUP2, err.fileno(), 2),
             ],
         )
-        _, status, usage = os.wait4(pid, 0)
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except BaseException:  # interrupted: do not leave the child running (as subprocess.run)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
         out.seek(0)
         err.seek(0)
         return Finished(
