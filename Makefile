@@ -17,7 +17,7 @@ RECIPE_ARGS ?=
 
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
-.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput ablation estimate gpu-check clean
+.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput bench-peers ablation estimate gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,16 @@ bench-throughput: install  # padded vs grouped vs padding-free, full vs supervis
 	$(PY) -m ftkit.lab.throughput --dataset $(SHARED_ALPACA) \
 		--tokenizer ../shared/fixtures/llama2-tokenizer \
 		--output_dir outputs/throughput --results_dir results/throughput-cpu
+
+# ftkit vs TRL's SFTTrainer, HF Trainer + PEFT and a bare loop (issue 12); TRL comes from the
+# bench extra, never a core dependency. A quick smoke run:
+#   make bench-peers PEERS_ARGS="--steps 3 --rounds 1 --records 64 --hidden 128 --layers 2"
+PEERS_ARGS ?=
+bench-peers: install
+	$(PY) -m pip install -q -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.peers --dataset $(SHARED_ALPACA) \
+		--tokenizer ../shared/fixtures/llama2-tokenizer \
+		--output_dir outputs/peers --results_dir results/peers-$(if $(HAS_GPU),gpu,cpu) $(PEERS_ARGS)
 
 estimate: install
 	$(PY) -m ftkit estimate --paper

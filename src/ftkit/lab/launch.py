@@ -8,9 +8,12 @@ is launched as a module, so nothing here needs the repository checkout.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import statistics
-import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ class RecipeRun:
     output_dir: Path
     metrics: dict
     steps: list[dict]
+    max_rss_bytes: int | None = None  # the launch's process tree, from wait4 (see run_measured)
 
     def median(self, key: str) -> float:
         """Median of ``key`` over the steps after the first, which pays one-off costs
@@ -60,6 +64,50 @@ def single_process_flags(mixed_precision: str = "no", threads: int | None = None
     return flags
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A finished child process: exit code, output, and its peak resident set."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    max_rss_bytes: int
+
+
+def run_measured(command: list[str], env: dict | None = None) -> Finished:
+    """Run ``command`` to the end and return its peak RSS with its output.
+
+    The peak is ``ru_maxrss`` of the child as ``wait4`` reports it for that one child: the
+    largest resident set of it and of every descendant it waited for (``accelerate launch``
+    waits for its training process), so no earlier or concurrent child of this process counts.
+    """
+    executable = shutil.which(command[0]) or command[0]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.posix_spawn(
+            executable,
+            command,
+            dict(os.environ if env is None else env),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, out.fileno(), 1),
+                (os.POSIX_SPAWN_DUP2, err.fileno(), 2),
+            ],
+        )
+        try:
+            _, status, usage = os.wait4(pid, 0)
+        except BaseException:  # interrupted: do not leave the child running (as subprocess.run)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        out.seek(0)
+        err.seek(0)
+        return Finished(
+            os.waitstatus_to_exitcode(status),
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            usage.ru_maxrss * 1024,  # Linux reports KiB
+        )
+
+
 def launch_recipe(
     launch_args: list[str],
     recipe_args: list[str],
@@ -73,7 +121,7 @@ def launch_recipe(
         sys.executable, "-m", "accelerate.commands.launch", *launch_args,
         "-m", "ftkit", "train", *recipe_args, "--output_dir", str(output_dir),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    done = run_measured(command, env)
     if done.returncode != 0:
         raise FtkitError(f"{name} failed:\n{done.stderr[-4000:]}")
     rows = [json.loads(line) for line in (output_dir / METRICS_STEPS).read_text().splitlines()]
@@ -81,4 +129,5 @@ def launch_recipe(
         output_dir,
         json.loads((output_dir / METRICS_FINAL).read_text()),
         [row for row in rows if "loss" in row],
+        done.max_rss_bytes,
     )
