@@ -17,7 +17,7 @@ RECIPE_ARGS ?=
 
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
-.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput bench-peers ablation estimate gpu-check clean
+.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -68,6 +68,14 @@ bench-peers: install
 	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.peers --dataset $(SHARED_ALPACA) \
 		--tokenizer ../shared/fixtures/llama2-tokenizer \
 		--output_dir outputs/peers --results_dir results/peers-$(if $(HAS_GPU),gpu,cpu) $(PEERS_ARGS)
+
+planner-grid: install  # the planner vs measured peaks at a 32k vocabulary: results/planner-cpu
+	$(PY) -m ftkit ablation --grid planner-32k --jobs 2 --output_dir outputs/planner-32k \
+		--title "Planner validation at a 32k vocabulary"
+	mkdir -p results/planner-cpu
+	cp outputs/planner-32k/ablation.md outputs/planner-32k/ablation.json \
+		outputs/planner-32k/ablation.csv outputs/planner-32k/memory.png \
+		outputs/planner-32k/time.png results/planner-cpu/
 
 estimate: install
 	$(PY) -m ftkit estimate --paper

@@ -98,10 +98,17 @@ def alpaca_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama2_tokenizer():
+def llama2_tokenizer_dir() -> Path:
+    if not (LLAMA2_TOKENIZER / "tokenizer.model").is_file():
+        pytest.fail(f"shared fixture missing: {LLAMA2_TOKENIZER} (CI provides ../shared)")
+    return LLAMA2_TOKENIZER
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer(llama2_tokenizer_dir):
     from ftkit.data import ensure_pad_token
 
-    return ensure_pad_token(AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER))
+    return ensure_pad_token(AutoTokenizer.from_pretrained(llama2_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")

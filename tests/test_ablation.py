@@ -4,6 +4,7 @@ from the cells, not from a table typed in."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,10 +19,19 @@ from ftkit.lab.ablation import (
     cell_of,
     filling_records,
     run_grid,
+    synthetic_records,
     technique_effects,
 )
 
 QUICK = "quick"  # the shipped grid
+# Planner total vs measured peak. 32k vocabulary (the loss phase dominates): every cell of
+# results/planner-cpu/ is within 2 % on this project's AMD EPYC host (three runs). The quick
+# grid's 640 vocabulary leaves the blocks dominant, and there the planner over-predicts by
+# +4.0 to +15.8 % on that host (+1.2 % at most on the Xeon of results/ablation-cpu/): exact
+# live-tensor tracking puts one fp32 LoRA block's backward transient at ~12i + 8h bytes a token
+# where the planner counts 16i + 12h, so that bound stays loose until the block model is redone.
+VOCAB_32K_TOLERANCE = 0.05
+QUICK_TOLERANCE = 0.20
 
 
 def cell(ga="4x1", precision="fp32", lora="peft", gc=False) -> Cell:
@@ -91,12 +101,7 @@ def test_planner_is_exact_on_tensors_and_close_on_the_peak(quick):
     rows, _ = quick
     for row in rows.values():
         assert row["planner_static_exact"], row["cell"]
-        # 20 %: the total is exact on the Xeon the committed grid ran on (every cell within
-        # 1.2 %), but on this project's AMD EPYC hosts the planner over-predicts by 4-16 %,
-        # varying between two venvs with identical packages on one machine (the same spread
-        # with main before the restructure). The tensor categories above stay exact; the
-        # planner's CPU runtime model is to be recalibrated with the throughput issue's cells.
-        assert abs(row["planner_error"]) < 0.20, (row["cell"], row["planner_error"])
+        assert abs(row["planner_error"]) < QUICK_TOLERANCE, (row["cell"], row["planner_error"])
 
 
 @pytest.mark.slow
@@ -121,6 +126,11 @@ def _row(c: Cell, **values) -> dict:
         "precision": c.precision,
         "lora": c.lora,
         "gc": "on" if c.gc else "off",
+        "seq": 64,
+        "cell_seq": None,
+        "padding_free": False,
+        "supervised_logits": False,
+        "calibration": False,
         "step_time_s": 1.0,
         **base,
         **values,
@@ -146,11 +156,20 @@ def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
     from ftkit.lab.ablation import GRIDS_DIR
 
     shipped = sorted(path.stem for path in GRIDS_DIR.glob("*.yaml"))
-    assert {"full", "quick", "bench", "gpu"} <= set(shipped)
+    assert {"full", "quick", "bench", "gpu", "planner-32k"} <= set(shipped)
     for name in shipped:
         grid = Grid.load(name)
         assert len(set(grid.cells)) == len(grid.cells)
     assert len(Grid.load("full").cells) == 24
+    planner = Grid.load("planner-32k").cells
+    assert len(planner) == 20 and sum(c.calibration for c in planner) == 4
+    assert {c.seq for c in planner} == {128, 256, 512}
+    assert {(c.padding_free, c.supervised_logits) for c in planner} == {
+        (False, False),
+        (False, True),
+        (True, False),
+        (True, True),
+    }
     with pytest.raises(ConfigError, match="not found"):
         Grid.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
@@ -162,6 +181,16 @@ def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
             "lora_r",
         ),
         ("model: ftkit:tiny-llama\nsteps: 1\ncells: [[4x1, fp32, peft, false]]\n", "steps"),
+        ("model: ftkit:tiny-llama\ncells: [[4x1, fp32, peft, false, {sq: 64}]]\n", "valid keys"),
+        (
+            "model: ftkit:tiny-llama\nmax_length: 64\ncells: [[4x1, fp32, peft, false, {seq: 128}]]\n",
+            "longer than max_length",
+        ),
+        (
+            "model: ftkit:tiny-llama\ncells: [[4x1, fp32, peft, false]]\n"
+            "recipe: {padding_free: 'true'}\n",
+            "per cell",
+        ),
     ):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=match):
@@ -212,3 +241,32 @@ def test_gpu_check_grid_is_the_issue_s_workload(tmp_path):
     tokenizer = load_tokenizer(str(EMBEDDED_TOKENIZER))
     chosen, seq_len = filling_records(records, tokenizer, 512, grid.records_needed)
     assert seq_len == 512 and len(chosen) == grid.records_needed  # every micro-batch is 1 x 512
+
+
+def test_synthetic_records_give_every_micro_batch_the_same_supervised_positions(
+    llama2_tokenizer,
+):
+    from ftkit.data import IGNORE_INDEX, tokenize_record
+
+    chosen, seq = filling_records(synthetic_records(8, 512), llama2_tokenizer, 512, 8)
+    tokens = [tokenize_record(r, llama2_tokenizer, seq) for r in chosen]
+    assert seq == 512 and all(len(t["input_ids"]) == 512 for t in tokens)
+    assert {t["labels"].count(IGNORE_INDEX) for t in tokens} == {41}  # the masked prompt
+
+
+# Two held-out cells of the planner's 32k-vocabulary grid (see results/planner-cpu/): padding-
+# free rows with supervised logits, and padding-free full logits with GC.
+PLANNER_CELLS = ("1x1-fp32-peft-nogc-s128-pf-suplogits", "2x1-fp32-peft-gc-s128-pf")
+
+
+@pytest.mark.slow
+def test_planner_predicts_real_vocabulary_cells(tmp_path, llama2_tokenizer_dir):
+    grid = Grid.load("planner-32k", tokenizer=str(llama2_tokenizer_dir))
+    cells = tuple(c for c in grid.cells if c.name in PLANNER_CELLS)
+    assert len(cells) == len(PLANNER_CELLS) and not any(c.calibration for c in cells)
+    rows = run_grid(dataclasses.replace(grid, cells=cells), tmp_path, jobs=2)
+    for row in rows:
+        assert row["planner_static_exact"], row["cell"]
+        assert row["planner_peak_phase"] == "loss backward"
+        error = row["planner_error"]
+        assert abs(error) < VOCAB_32K_TOLERANCE, (row["cell"], error)

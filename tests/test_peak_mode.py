@@ -70,9 +70,14 @@ def test_the_lab_runs_ask_for_the_exact_peak(monkeypatch, tmp_path):
             Grid.load("quick"), setup, Cell.parse("2x1", "fp32", "peft", False), tmp_path, 1
         )
     assert flag_value(seen[0], "exact_peak_memory") == "true"
-    # and the batching the planner models (right-padded, full logits), unless the grid says else
+    # and the cell's own batching, which the planner is told (right-padded, full logits here)
     assert flag_value(seen[0], "padding_free") == "false"
     assert flag_value(seen[0], "supervised_logits_only") == "false"
+    flattened = Cell.parse("2x1", "fp32", "peft", False, {"padding_free": True, "seq": 32})
+    with pytest.raises(Launched):
+        ablation.run_cell(Grid.load("quick"), setup, flattened, tmp_path, 1)
+    assert flag_value(seen[1], "padding_free") == "true"
+    assert flag_value(seen[1], "max_length") == "32"
 
     seen = capture_launch(monkeypatch, compare)
     with pytest.raises(Launched):

@@ -179,6 +179,18 @@ def estimate(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=1, help="micro-batch size per device")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument(
+        "--padding_free", choices=["auto", "true", "false"], default="auto",
+        help="one flattened row per micro-batch (auto: where exact, as training's default)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--full_logits", action="store_true",
+        help="LM head at every position (supervised_logits_only false)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--supervised_fraction", type=float, default=1.0,
+        help="share of each sequence's positions that are supervised (not prompt)",
+    )  # fmt: skip
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     parser.add_argument("--device", choices=DEVICES, default="cuda")
@@ -204,6 +216,9 @@ def estimate(argv: list[str]) -> None:
         micro_batch_size=args.batch,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seq_len=args.seq_len,
+        padding_free={"auto": None, "true": True, "false": False}[args.padding_free],
+        supervised_logits_only=not args.full_logits,
+        supervised_fraction=args.supervised_fraction,
         world_size=args.world_size,
         strategy=args.strategy,
         device=args.device,
@@ -246,7 +261,9 @@ def compare(argv: list[str]) -> None:
 
 def _grid_parser(grid: str, output_dir: str, title: str) -> argparse.ArgumentParser:
     parser = ArgParser(prog=_prog(), description="Train every cell of a grid in its own process.")
-    parser.add_argument("--grid", default=grid, help="a shipped grid (quick, full, bench) or path")
+    parser.add_argument(
+        "--grid", default=grid, help="a shipped grid (quick, full, bench, planner-32k) or path"
+    )
     parser.add_argument("--output_dir", default=output_dir)
     parser.add_argument("--title", default=title)
     parser.add_argument("--dataset", default=None, help="replace the grid's dataset (a path)")

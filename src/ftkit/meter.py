@@ -261,6 +261,21 @@ class PeakMemoryMeter:
                 self._start = (psutil.Process().memory_info().rss, _ru_maxrss_bytes())
         return self
 
+    def make_resident(self, tensors) -> None:
+        """In the exact CPU mode, fault in every page of ``tensors`` (the model's parameters).
+
+        A CPU model loaded from a same-dtype safetensors file keeps its weights memory-mapped,
+        and pages the run never reads (embedding rows no batch looks up, in a frozen base) never
+        become resident: a 32k-vocabulary LoRA run read ~30 MiB low, below its own tensors.  A
+        GPU allocator holds every weight, so the exact mode reads one element per page.
+        """
+        if self.device.type != "cpu" or not self.pin_malloc:
+            return
+        with torch.no_grad():
+            for t in _unique(tensors):
+                if t.numel():
+                    t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
+
     @property
     def kind(self) -> str:
         """What the peak figure is, for ``metrics.json`` (``peak_kind``)."""

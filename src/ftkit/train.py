@@ -170,6 +170,7 @@ class Trainer:
             device=self.accelerator.device,
             tokenizer=self.tokenizer,  # an added pad token resizes the embeddings
         )
+        self.memory.make_resident(model.parameters())
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=recipe.train.learning_rate,
@@ -289,15 +290,18 @@ class Trainer:
                 # is a no-op for ZeRO >= 2): mark the window's end. Nothing else reads it here.
                 acc.sync_gradients = last
                 with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    outputs = self.forward_micro_batch(batch, window_tokens)
-                    acc.backward(outputs.loss * factor)
-                    window_loss += outputs.loss.detach()
+                    # Only the loss: the model's output object would keep the full logits
+                    # (micro-batch x seq x vocab) alive through backward.
+                    loss = self.forward_micro_batch(batch, window_tokens).loss
+                    acc.backward(loss * factor)
+                    window_loss += loss.detach()
         finally:
             acc.sync_gradients = True
         return acc.reduce(window_loss, "sum")
 
     def forward_micro_batch(self, batch, window_tokens):
-        """The micro-batch's loss (``.loss``): summed over its supervised tokens ÷ the window's.
+        """The micro-batch's output, whose ``.loss`` is summed over its supervised tokens ÷ the
+        window's.
 
         Supervised-logits mode runs the LM head only at supervised positions; otherwise the model
         computes full logits and its own loss (``num_items_in_batch``). ``use_cache=False``

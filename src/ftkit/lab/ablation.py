@@ -47,7 +47,8 @@ from ftkit.meter import MIB, cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
-GRIDS_DIR = Path(__file__).resolve().parent / "grids"  # shipped grids: quick, full, bench
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"  # quick, full, bench, planner-32k
+SYNTHETIC_DATASET = "synthetic"  # identical records: every micro-batch has the same shape
 EMBEDDED_TOKENIZER = ASSETS_DIR / "tiny-llama"
 LORA_IMPLS = ("none", "ftkit", "peft")
 CATEGORIES = ("params", "grads", "optimizer", "activations")
@@ -56,19 +57,33 @@ CATEGORIES = ("params", "grads", "optimizer", "activations")
 # --------------------------------------------------------------------------- the grid
 
 
+CELL_OPTIONS = ("seq", "padding_free", "supervised_logits", "calibration")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One setting of the four techniques.  GA is ``micro_batch`` x ``accumulation``: GA on
-    splits the same effective batch into smaller micro-batches."""
+    splits the same effective batch into smaller micro-batches.
+
+    Optional, for the planner's validation grid: ``seq`` (tokens per sequence, at most the grid's
+    ``max_length``, which is the default), the batching (``padding_free``: one flattened row per
+    micro-batch; ``supervised_logits``: the LM head only at supervised positions; both off by
+    default) and ``calibration`` (the cell was used to set a planner constant, so its error is
+    reported apart from the held-out cells'; not part of the cell's identity).
+    """
 
     micro_batch: int
     accumulation: int
     precision: str
     lora: str
     gc: bool
+    seq: int | None = None
+    padding_free: bool = False
+    supervised_logits: bool = False
+    calibration: bool = field(default=False, compare=False)
 
     @classmethod
-    def parse(cls, ga: str, precision: str, lora: str, gc: bool) -> Cell:
+    def parse(cls, ga: str, precision: str, lora: str, gc: bool, options=None) -> Cell:
         try:
             micro, acc = (int(n) for n in str(ga).lower().split("x"))
         except ValueError:
@@ -83,12 +98,35 @@ class Cell:
             raise ConfigError(f"lora {lora!r} is not one of {LORA_IMPLS}")
         if not isinstance(gc, bool):
             raise ConfigError(f"gc must be true or false, got {gc!r}")
-        return cls(micro, acc, precision, lora, gc)
+        options = options or {}
+        unknown = set(options) - set(CELL_OPTIONS)
+        if not isinstance(options, dict) or unknown:
+            raise ConfigError(f"cell options {options!r}: valid keys are {CELL_OPTIONS}")
+        seq = options.get("seq")
+        if seq is not None and (not isinstance(seq, int) or seq < 2):
+            raise ConfigError(f"cell seq must be an integer >= 2, got {seq!r}")
+        flags = {k: options.get(k, False) for k in CELL_OPTIONS[1:]}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"cell {key} must be true or false, got {value!r}")
+        return cls(micro, acc, precision, lora, gc, seq, **flags)
 
     @property
     def name(self) -> str:
         gc = "gc" if self.gc else "nogc"
-        return f"{self.micro_batch}x{self.accumulation}-{self.precision}-{self.lora}-{gc}"
+        name = f"{self.micro_batch}x{self.accumulation}-{self.precision}-{self.lora}-{gc}"
+        if self.seq is not None:
+            name += f"-s{self.seq}"
+        return (
+            name
+            + ("-pf" if self.padding_free else "")
+            + ("-suplogits" if self.supervised_logits else "")
+        )
+
+    @property
+    def batching(self) -> str:
+        rows = "padding-free" if self.padding_free else "padded"
+        return f"{rows}, {'supervised' if self.supervised_logits else 'full'} logits"
 
     @property
     def ga(self) -> str:
@@ -105,12 +143,13 @@ class Cell:
 
 @dataclass(frozen=True)
 class Grid:
-    """A grid file (a shipped name, ``quick``/``full``/``bench``, or a path): model, data, cells.
+    """A grid file (a shipped name: ``quick``, ``full``, ``bench``, ``planner-32k``; or a path).
 
     ``model`` is a mapping of LlamaConfig values (built with seed 0, vocabulary and special ids
     from ``tokenizer``) or a model name/path the recipe accepts (with its own tokenizer).
     ``tokenizer`` and ``dataset`` are ``embedded`` / ``ftkit:tiny-instructions`` or paths,
     relative to the current directory; a path that is missing is an error, never a substitute.
+    ``dataset: synthetic`` makes identical records (see :func:`synthetic_records`).
     """
 
     cells: tuple[Cell, ...]
@@ -144,6 +183,12 @@ class Grid:
         except TypeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         Recipe.from_dict({**Recipe().to_dict(), **grid.recipe}, source=str(path))
+        pinned = sorted(set(grid.recipe) & set(CELL_BATCHING))
+        if pinned:
+            raise ConfigError(f"{path}: set {pinned} per cell (padding_free, supervised_logits)")
+        longer = [c.name for c in cells if c.seq is not None and c.seq > grid.max_length]
+        if longer:
+            raise ConfigError(f"{path}: cells {longer} are longer than max_length")
         if grid.steps < 2:
             raise ConfigError("steps must be >= 2: the peak of interest has the optimizer state")
         return grid
@@ -167,6 +212,17 @@ class Setup:
     dataset: Path
     seq_len: int
     config: object  # the transformers config, for the planner
+    prompt_tokens: tuple[int, ...] = ()  # masked prompt tokens of each record
+
+    def seq(self, cell: Cell) -> int:
+        return min(cell.seq or self.seq_len, self.seq_len)
+
+    def supervised_fraction(self, cell: Cell) -> float:
+        """The largest share of a record's positions whose (shifted) target is supervised."""
+        seq = self.seq(cell)
+        if any(p >= seq for p in self.prompt_tokens):
+            raise ConfigError(f"cell {cell.name}: a record's prompt fills its {seq} tokens")
+        return max((seq - p) / seq for p in self.prompt_tokens) if self.prompt_tokens else 1.0
 
 
 def _local(path: str, embedded: Path | str, what: str) -> str:
@@ -205,12 +261,30 @@ def filling_records(records: list[dict], tokenizer, max_length: int, n: int):
     raise FtkitError(f"the dataset has fewer than {n} records; lower steps or the batch")
 
 
+def synthetic_records(n: int, max_length: int) -> list[dict]:
+    """``n`` copies of one Alpaca record whose response outlasts ``max_length`` tokens (one
+    token per word with a SentencePiece tokenizer), so every micro-batch of a cell has the same
+    tokens and the same supervised positions: the planner's inputs are then exact."""
+    record = {
+        "instruction": "Repeat the word.",
+        "input": "",
+        "output": " ".join(["word"] * max_length),
+    }
+    return [dict(record) for _ in range(n)]
+
+
 def prepare(grid: Grid, out: Path) -> Setup:
     """Build (or load) the base model once and save it in every dtype a cell loads, so no cell
     pays a dtype conversion during loading (its transient would sit in the peak)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from ftkit.data import load_records, resolve_dataset, validate_records
+    from ftkit.data import (
+        IGNORE_INDEX,
+        load_records,
+        resolve_dataset,
+        tokenize_record,
+        validate_records,
+    )
     from ftkit.modeling import load_tokenizer, resolve_model_path
 
     if isinstance(grid.model, dict):
@@ -242,11 +316,17 @@ def prepare(grid: Grid, out: Path) -> Setup:
     for path in dirs.values():
         tokenizer.save_pretrained(path)
 
-    dataset = _local(grid.dataset, resolve_dataset(EMBEDDED_DATASET), "dataset")
-    records = validate_records(load_records(dataset), dataset, skip_bad=True)
+    if grid.dataset == SYNTHETIC_DATASET:
+        records = synthetic_records(grid.records_needed, grid.max_length)
+    else:
+        dataset = _local(grid.dataset, resolve_dataset(EMBEDDED_DATASET), "dataset")
+        records = validate_records(load_records(dataset), dataset, skip_bad=True)
     chosen, seq_len = filling_records(records, tokenizer, grid.max_length, grid.records_needed)
     atomic_write_text(out / "records.json", json.dumps(chosen))
-    return Setup(dirs, out / "records.json", seq_len, model.config)
+    prompts = tuple(
+        tokenize_record(r, tokenizer, seq_len)["labels"].count(IGNORE_INDEX) for r in chosen
+    )
+    return Setup(dirs, out / "records.json", seq_len, model.config, prompts)
 
 
 # --------------------------------------------------------------------------- one cell
@@ -266,18 +346,25 @@ def plan_for(grid: Grid, setup: Setup, cell: Cell) -> TrainingPlan:
         gradient_checkpointing=cell.gc,
         micro_batch_size=cell.micro_batch,
         gradient_accumulation_steps=cell.accumulation,
-        seq_len=setup.seq_len,
+        seq_len=setup.seq(cell),
+        padding_free=cell.padding_free,
+        supervised_logits_only=cell.supervised_logits,
+        supervised_fraction=setup.supervised_fraction(cell),
         device="cuda" if torch.cuda.is_available() else "cpu",
     )
 
 
-# The planner models right-padded batches with full logits; the grid measures that path unless
-# the grid's own recipe says otherwise, so its cells stay comparable with the planner.
-PLANNER_BATCHING = {
-    "padding_free": "false",
-    "group_by_length": False,
-    "supervised_logits_only": False,
-}
+# Recipe fields each cell sets from its own factors (the grid's recipe may not): the batching
+# the planner is told about, and no length grouping (every record of a cell has one length).
+CELL_BATCHING = ("padding_free", "supervised_logits_only", "group_by_length")
+
+
+def cell_batching(cell: Cell) -> dict:
+    return {
+        "padding_free": "true" if cell.padding_free else "false",
+        "supervised_logits_only": cell.supervised_logits,
+        "group_by_length": False,
+    }
 
 
 def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> dict:
@@ -288,13 +375,13 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
     launch = single_process_flags(ACCELERATE_MIXED_PRECISION[cell.precision], threads)
     recipe = {
         **MEASUREMENT_RECIPE,
-        **PLANNER_BATCHING,
         **grid.recipe,
+        **cell_batching(cell),
         "model_name_or_path": setup.model_dirs[cell.base_dtype],
         "model_dtype": cell.base_dtype,
         "dataset": setup.dataset,
         "validation_size": 0,
-        "max_length": setup.seq_len,
+        "max_length": setup.seq(cell),
         "max_steps": grid.steps,
         "per_device_train_batch_size": cell.micro_batch,
         "gradient_accumulation_steps": cell.accumulation,
@@ -319,6 +406,11 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
         "precision": cell.precision,
         "lora": cell.lora,
         "gc": "on" if cell.gc else "off",
+        "seq": setup.seq(cell),
+        "cell_seq": cell.seq,
+        "padding_free": cell.padding_free,
+        "supervised_logits": cell.supervised_logits,
+        "calibration": cell.calibration,
         "peak_bytes": mem["peak_bytes"],
         "reserved_bytes": mem["reserved_bytes"],  # CUDA's caching allocator; None on CPU
         **{f"{c}_bytes": v for c, v in measured.items()},
@@ -340,8 +432,18 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
 
 
 def cell_of(row: dict) -> Cell:
+    """The cell a Table 2 row was run from (``seq`` as the grid gave it; the row's own ``seq`` is
+    the length it ran at)."""
     return Cell(
-        row["micro_batch"], row["accumulation"], row["precision"], row["lora"], row["gc"] == "on"
+        row["micro_batch"],
+        row["accumulation"],
+        row["precision"],
+        row["lora"],
+        row["gc"] == "on",
+        row["cell_seq"],
+        row["padding_free"],
+        row["supervised_logits"],
+        row["calibration"],
     )
 
 
@@ -456,7 +558,8 @@ def _mib(n: float) -> str:
 
 def table2(rows: list[dict]) -> str:
     head = (
-        "| GA (micro×acc) | precision | LoRA | GC | peak MiB | planned MiB | planner error | time s "
+        "| GA (micro×acc) | precision | LoRA | GC | seq | batching | peak MiB | planned MiB "
+        "| planner error | time s "
         "| tokens/s | speed vs row 1 | trainable % | loss | params MiB | grads MiB | optimizer MiB "
         "| activations MiB | peak phase (planner) |"
     )
@@ -464,7 +567,9 @@ def table2(rows: list[dict]) -> str:
     first = rows[0]["tokens_per_s"]
     for r in rows:
         lines.append(
-            f"| {r['ga']} | {r['precision']} | {r['lora']} | {r['gc']} | {_mib(r['peak_bytes'])} "
+            f"| {r['ga']} | {r['precision']} | {r['lora']} | {r['gc']} | {r['seq']} "
+            f"| {cell_of(r).batching}{' (calibration)' if r['calibration'] else ''} "
+            f"| {_mib(r['peak_bytes'])} "
             f"| {_mib(r['planned_bytes'])} | {100 * r['planner_error']:+.1f} % | {r['wall_time_s']:.1f} "
             f"| {r['tokens_per_s']:.0f} | ×{r['tokens_per_s'] / first:.2f} "
             f"| {100 * r['trainable_params'] / r['total_params']:.3f} | {r['train_loss']:.4f} "
@@ -485,6 +590,38 @@ def table1(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _prompts(setup: Setup) -> str:
+    lengths = sorted(set(setup.prompt_tokens))
+    if len(lengths) == 1:
+        return f"every record's first {lengths[0]} tokens are its masked prompt"
+    return f"masked prompts of {lengths[0]}–{lengths[-1]} tokens"
+
+
+def planner_table(rows: list[dict]) -> str:
+    """Predicted vs measured peak per cell, the cells that set the planner's constants apart
+    from the held-out ones, each group summarised by its largest and median error."""
+    lines = [
+        "| cell | role | seq | batching | GC | measured MiB | planned MiB | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    summary = []
+    for label, calibration in (("calibration", True), ("held-out", False)):
+        group = [r for r in rows if r["calibration"] == calibration]
+        for r in group:
+            lines.append(
+                f"| {r['cell']} | {label} | {r['seq']} | {cell_of(r).batching} | {r['gc']} "
+                f"| {_mib(r['peak_bytes'])} | {_mib(r['planned_bytes'])} "
+                f"| {100 * r['planner_error']:+.1f} % |"
+            )
+        if group:
+            errors = [abs(r["planner_error"]) for r in group]
+            summary.append(
+                f"{label} ({len(group)} cells): |error| max {100 * max(errors):.1f} %, median "
+                f"{100 * statistics.median(errors):.1f} %"
+            )
+    return "\n".join([*lines, "", "; ".join(summary) + "."])
+
+
 def report_markdown(rows: list[dict], grid: Grid, setup: Setup, title: str) -> str:
     errors = [abs(r["planner_error"]) for r in rows]
     exact = sum(r["planner_static_exact"] for r in rows)
@@ -498,7 +635,8 @@ def report_markdown(rows: list[dict], grid: Grid, setup: Setup, title: str) -> s
             f"Machine: **{machine()}**, torch {torch.__version__}. Model: {cfg.model_type}, {size}"
             f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocabulary {cfg.vocab_size}. "
             f"Every cell: {grid.steps} optimizer steps on the same {grid.records_needed} records, "
-            f"each exactly {setup.seq_len} tokens (no padding); effective batch = micro × acc; "
+            f"each exactly the cell's seq tokens (no padding; {_prompts(setup)}); "
+            "effective batch = micro × acc; "
             f"LoRA r={grid.recipe_value('lora_r')} on {grid.recipe_value('lora_target') or 'q/v'}, "
             f"dropout {grid.recipe_value('lora_dropout')}; one fresh `accelerate launch` process "
             "per cell.",
@@ -521,11 +659,16 @@ def report_markdown(rows: list[dict], grid: Grid, setup: Setup, title: str) -> s
             "precision full fine-tuning is AMP over fp32 weights. time = wall time of the steps; "
             "tokens/s = median over the steps after the first, real (non-pad) tokens.",
             "",
-            f"Planner (`ftkit.memory.estimate`, same settings, before anything is loaded): "
+            f"Planner (`ftkit.lab.planner.estimate`, same settings, before anything is loaded): "
             f"params/grads/optimizer exact in {exact}/{len(rows)} cells; total vs measured peak "
             f"within {100 * max(errors):.1f} % in every cell (median "
             f"{100 * statistics.median(errors):.1f} %).",
             "",
+            *(
+                ["## Planner: calibration and held-out cells", "", planner_table(rows), ""]
+                if any(r["calibration"] for r in rows)
+                else []
+            ),
             "## Table 1: what each technique buys, derived from the cells above",
             "",
             table1(rows),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from transformers import PretrainedConfig
 
+from ftkit.batching import padding_free_problem
 from ftkit.config import PRECISIONS
 from ftkit.errors import ConfigError
 from ftkit.lab.presets import resolve_config
@@ -49,6 +50,15 @@ class TrainingPlan:
     (and under DeepSpeed, whose gradient buffers persist) they are alive throughout the step.
     ``device`` selects the runtime overhead and the few
     kernel differences between CUDA and the CPU used to validate the planner.
+
+    Batching follows training's defaults.  ``padding_free`` (None = auto: on where
+    ``ftkit.batching`` proves it exact, as training's ``padding_free: auto``) flattens each
+    micro-batch into one row, for which transformers builds a dense block-diagonal mask that SDPA
+    saves in every block (flash-attention's varlen kernel would not; the planner assumes SDPA).
+    ``supervised_logits_only`` computes the LM head only at positions whose shifted target is
+    supervised, ``supervised_fraction`` of each sequence (1.0, the worst case, when prompts are
+    not masked or short); a padded batch keeps the union of its rows' supervised columns, so give
+    the fraction of the row with the shortest prompt.  Sequences are assumed to fill ``seq_len``.
     """
 
     lora_r: int | None = 8
@@ -63,6 +73,9 @@ class TrainingPlan:
     world_size: int = 1
     strategy: str = "ddp"
     device: str = "cuda"
+    padding_free: bool | None = None
+    supervised_logits_only: bool = True
+    supervised_fraction: float = 1.0
 
     def __post_init__(self):
         if self.lora_r is not None and self.lora_r < 1:
@@ -73,6 +86,10 @@ class TrainingPlan:
             object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
             if not self.lora_targets:
                 raise ConfigError("lora_targets must name at least one module")
+        if not 0.0 < self.supervised_fraction <= 1.0:
+            raise ConfigError(
+                f"supervised_fraction must be in (0, 1], got {self.supervised_fraction}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name, value, valid in (
@@ -93,6 +110,21 @@ class TrainingPlan:
     def full(self) -> bool:
         return self.lora_r is None
 
+    @property
+    def tokens(self) -> int:
+        """Tokens the blocks run on per micro-batch (a flattened row holds the same tokens)."""
+        return self.micro_batch_size * self.seq_len
+
+    @property
+    def logit_rows(self) -> int:
+        """Positions the LM head computes per micro-batch: all of them, or with
+        ``supervised_logits_only`` those whose shifted target is supervised (at most seq - 1 per
+        sequence)."""
+        if not self.supervised_logits_only:
+            return self.tokens
+        per_sequence = min(self.seq_len - 1, round(self.supervised_fraction * self.seq_len))
+        return self.micro_batch_size * max(1, per_sequence)
+
     def describe(self) -> str:
         method = "full FT" if self.full else f"LoRA r={self.lora_r}"
         parts = [method, self.precision]
@@ -103,6 +135,10 @@ class TrainingPlan:
         parts.append(f"micro-batch {self.micro_batch_size} x seq {self.seq_len}")
         if self.gradient_accumulation_steps > 1:
             parts.append(f"GA x{self.gradient_accumulation_steps}")
+        if self.padding_free:
+            parts.append("padding-free")
+        if self.supervised_logits_only:
+            parts.append(f"logits at {self.supervised_fraction:.0%} of positions")
         if self.world_size > 1:
             parts.append(f"{self.world_size} GPUs {self.strategy}")
         return ", ".join(parts)
@@ -347,11 +383,13 @@ def _layer_backward_transient(a: _Arch, R: _Regime, seq: int) -> int:
     return inner + 3 * R.resid * a.hidden
 
 
-def _head(a: _Arch, R: _Regime) -> int:
-    """Bytes per token kept after the last block: final norm, lm_head input, fp32 log-softmax.
+def _head(a: _Arch, R: _Regime) -> tuple[int, int]:
+    """Bytes kept after the last block: (per token, per logit row).
 
-    transformers' causal-LM loss upcasts the logits to fp32 and cross-entropy keeps the fp32
-    log-softmax output; BLOOM's embedding LayerNorm keeps its input when the base trains.
+    Per token: the final norm's saved tensors (BLOOM's embedding LayerNorm too, when the base
+    trains).  Per row the LM head computes: its input when the base trains, and the fp32
+    log-softmax output cross-entropy keeps for backward (transformers' ``ForCausalLMLoss`` and
+    ftkit's supervised-logits loss both upcast the logits to fp32 first).
     """
     h = a.hidden
     if a.kind == "llama":
@@ -360,7 +398,7 @@ def _head(a: _Arch, R: _Regime) -> int:
     else:
         norm = R.norm_input() * h + 8 + (R.resid * h + 8 if R.train_base else 0)
         head_in = 4 if R.autocast and R.cuda else R.resid
-    return norm + R.linear_inputs(head_in, h, ("lm_head",)) + 4 * a.vocab
+    return norm, R.linear_inputs(head_in, h, ("lm_head",)) + 4 * a.vocab
 
 
 def _activation_phases(
@@ -371,8 +409,9 @@ def _activation_phases(
     :class:`TrainingPlan`) and the activation estimate is the maximum.  Phases:
 
     * ``loss backward``: everything the forward kept, plus the two fp32 vocab-wide buffers
-      cross-entropy backward allocates (grad of the log-probabilities, grad of the logits).
-      With gradient checkpointing the blocks keep only their inputs.
+      cross-entropy backward allocates per logit row (grad of the log-probabilities, grad of the
+      logits): 12 bytes x vocabulary per row with the saved log-softmax output.  With gradient
+      checkpointing the blocks keep only their inputs.
     * ``lm_head backward``: the logits gradient and, when the base trains, the fresh V x h
       weight gradient before it is accumulated into ``.grad``.
     * ``block recompute`` (checkpointing) or ``block backward``: one block's kept tensors and
@@ -382,12 +421,14 @@ def _activation_phases(
       exits (without checkpointing the graph keeps those copies through backward as well).
     * ``optimizer step``: AdamW's temporaries.
 
-    The model must be called as ``loss = model(**batch).loss``: keeping the output object alive
-    through backward also keeps the compute-dtype logits (c x V bytes per token).
+    Blocks run on every token; the vocabulary-wide buffers exist per logit row
+    (:attr:`TrainingPlan.logit_rows`: every token, or only the supervised positions).  The
+    model is called as ``loss = model(**batch).loss`` (ftkit's Trainer does): keeping the
+    output object alive through backward would also keep the compute-dtype logits.
     """
-    T, L, V, h = plan.micro_batch_size * plan.seq_len, a.layers, a.vocab, a.hidden
+    T, K, L, V, h = plan.tokens, plan.logit_rows, a.layers, a.vocab, a.hidden
     layer = _llama_layer(a, R) if a.kind == "llama" else _bloom_layer(a, R, plan.seq_len)
-    head = _head(a, R)
+    head_token, head_row = _head(a, R)
     amp = R.autocast and R.train_base
     all_copies = 2 * (L * a.block_linear_weights + V * h) if amp else 0
     lm_copy = 2 * V * h if amp else 0
@@ -395,18 +436,30 @@ def _activation_phases(
     head_grad = 4 * V * h if R.train_base else 0
     bwd = _layer_backward_transient(a, R, plan.seq_len)
     logits = R.c * V + (4 * V if R.c == 2 else 0)  # lm_head output and its fp32 upcast
+    # A flattened row gets a dense block-diagonal T x T boolean mask from transformers, which
+    # SDPA converts to the query's dtype and saves for backward, in every block it runs.
+    bool_mask, layer_mask = (T * T, R.c * T * T) if plan.padding_free else (0, 0)
     if plan.gradient_checkpointing:
         kept = L * R.resid * h
         graph_copies = lm_copy
-        phases = {"block recompute": T * (kept + layer + bwd) + block_copies + quantized_weight}
+        masks = bool_mask  # a checkpointed block's input, recomputed one block at a time
+        phases = {
+            "block recompute": T * (kept + layer + bwd)
+            + masks
+            + layer_mask
+            + block_copies
+            + quantized_weight
+        }
     else:
         kept = L * layer
         graph_copies = all_copies
-        phases = {"block backward": T * (kept + bwd) + all_copies + quantized_weight}
-    phases["forward"] = T * (kept + head + logits) + all_copies
-    phases["loss backward"] = T * (kept + head + 8 * V) + graph_copies
+        masks = L * layer_mask
+        phases = {"block backward": T * (kept + bwd) + masks + all_copies + quantized_weight}
+    after_blocks = T * (kept + head_token) + masks
+    phases["forward"] = after_blocks + K * (head_row + logits) + all_copies
+    phases["loss backward"] = after_blocks + K * (head_row + 8 * V) + graph_copies
     phases["lm_head backward"] = (
-        T * (kept + head + (2 * V if R.c == 2 else 0)) + graph_copies + head_grad
+        after_blocks + K * (head_row + (2 * V if R.c == 2 else 0)) + graph_copies + head_grad
     )
     phases["optimizer step"] = opt_temp
     return phases
@@ -434,9 +487,14 @@ GPUS = {
 # are left out by the meter), measured on this kit: 5-7 MiB for LoRA, 11-13 for full FT.  Half
 # precision on a CPU with native bf16 instructions adds oneDNN's JIT-compiled bf16 kernels and
 # their scratchpads (~10 MiB more; gone when oneDNN is held to an ISA without bf16, e.g.
-# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, where bf16 is emulated).
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, where bf16 is emulated).  On CPU the run's fast tokenizer
+# lives in the same memory: LLaMA-2's 32,000-piece BPE (vocabulary, merges) holds 35 MiB
+# (tokenizers.Tokenizer alone, 1,150 bytes a piece), the embedded 640-piece one ~0.  Per piece
+# of the model's vocabulary the planner adds the mean residual of the four calibration cells of
+# lab/grids/planner-32k.yaml (1,040 bytes; results/planner-cpu/).
 CUDA_CONTEXT, CUDA_ALLOCATOR_SLACK, NCCL_BUFFERS = 512 * MIB, 0.05, 256 * MIB
 CPU_RUNTIME, CPU_NATIVE_BF16_KERNELS = 6 * MIB, 10 * MIB
+CPU_TOKENIZER_PER_PIECE = 1040
 
 
 def _gib(n: float) -> str:
@@ -569,6 +627,11 @@ def estimate(
     cfg = resolve_config(model_config) if isinstance(model_config, str) else model_config
     plan = plan or TrainingPlan()
     a = _Arch.from_config(cfg)
+    problem = padding_free_problem(cfg)
+    if plan.padding_free and problem:
+        raise ConfigError(problem)
+    if plan.padding_free is None:
+        plan = dataclasses.replace(plan, padding_free=problem is None)
     targets = () if plan.full else (plan.lora_targets or a.default_targets)
     lora = a.lora_shapes(targets)
     half = plan.precision != "fp32"
@@ -660,7 +723,11 @@ def estimate(
         )
     else:
         native_bf16 = plan.precision != "fp32" and cpu_has_native_bf16()
-        overhead = CPU_RUNTIME + (CPU_NATIVE_BF16_KERNELS if native_bf16 else 0)
+        overhead = (
+            CPU_RUNTIME
+            + CPU_TOKENIZER_PER_PIECE * a.vocab
+            + (CPU_NATIVE_BF16_KERNELS if native_bf16 else 0)
+        )
     return MemoryEstimate(
         model=getattr(cfg, "name_or_path", "") or a.kind,
         plan=plan,
