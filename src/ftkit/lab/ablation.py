@@ -38,6 +38,7 @@ from ftkit.errors import ConfigError, FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
 from ftkit.lab.launch import (
     MEASUREMENT_RECIPE,
+    child_env,
     launch_recipe,
     recipe_flags,
     single_process_flags,
@@ -389,7 +390,7 @@ def run_cell(grid: Grid, setup: Setup, cell: Cell, out: Path, threads: int) -> d
         "gradient_checkpointing": cell.gc,
         "save_steps": 0,
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     logger.info("cell %s", cell.name)
     run = launch_recipe(launch, _flags(recipe), run_dir, name=f"cell {cell.name}", env=env)
     for weights in run_dir.glob("*.safetensors"):  # the grid measures; it keeps no weights

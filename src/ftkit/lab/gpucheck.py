@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
 from ftkit.lab.ablation import Grid, machine, run_grid
-from ftkit.lab.launch import launch_recipe, recipe_flags, single_process_flags
+from ftkit.lab.launch import child_env, launch_recipe, recipe_flags, single_process_flags
 
 STEPS = 30  # the precision runs: enough for the fp16 scaler to settle its scale
 ENGINE_STEPS = 8
@@ -54,10 +53,6 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 def precision_runs(out: Path) -> list[dict]:
     """fp16 (grad scaler) and bf16 on the embedded default, 30 steps each."""
     rows = []
@@ -70,7 +65,7 @@ def precision_runs(out: Path) -> list[dict]:
             recipe_flags({"max_steps": STEPS, "save_steps": 0}),
             out / precision,
             name=f"{precision} run",
-            env=_env(),
+            env=child_env(),
         )
         m = run.metrics
         rows.append(
@@ -114,7 +109,9 @@ def engine_rows(out: Path, repo: Path) -> list[dict]:
     """FSDP2 and ZeRO-3 with one process against a plain run of the same steps and data."""
     recipe = recipe_flags({"max_steps": ENGINE_STEPS, "save_steps": 0, "lora_dropout": 0.0})
     reference_dir = out / "engines" / "plain"
-    launch_recipe(single_process_flags("no"), recipe, reference_dir, name="plain run", env=_env())
+    launch_recipe(
+        single_process_flags("no"), recipe, reference_dir, name="plain run", env=child_env()
+    )
     reference = _adapter(reference_dir)
     scale = max(float(t.abs().max()) for t in reference.values())
     rows = []
@@ -122,7 +119,7 @@ def engine_rows(out: Path, repo: Path) -> list[dict]:
         run_dir = out / "engines" / device_slug(engine)
         flags = ["--config_file", str(repo / config), "--num_processes", "1"]
         flags += ["--mixed_precision", "no"]
-        run = launch_recipe(flags, recipe, run_dir, name=f"{engine} run", env=_env())
+        run = launch_recipe(flags, recipe, run_dir, name=f"{engine} run", env=child_env())
         adapter = _adapter(run_dir)
         if adapter.keys() != reference.keys():
             raise FtkitError(

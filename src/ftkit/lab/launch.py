@@ -43,6 +43,12 @@ class RecipeRun:
 MEASUREMENT_RECIPE = {"exact_peak_memory": True}
 
 
+def child_env() -> dict:
+    """The environment of every lab run: offline (nothing from the Hub), no tokenizer threads
+    competing with the measured ones."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def recipe_flags(values: dict) -> list[str]:
     """``--field value`` flags of a flat recipe mapping (lists as several values)."""
     args = []

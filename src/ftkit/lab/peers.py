@@ -32,7 +32,13 @@ from pathlib import Path
 
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_text
-from ftkit.lab.launch import launch_recipe, recipe_flags, run_measured, single_process_flags
+from ftkit.lab.launch import (
+    child_env,
+    launch_recipe,
+    recipe_flags,
+    run_measured,
+    single_process_flags,
+)
 from ftkit.lab.peer_systems import LORA_TARGET
 from ftkit.lab.throughput import build_model, write_records
 
@@ -162,10 +168,6 @@ def sequences_trained(records: int, batch_size: int, steps: int) -> int:
     per_epoch = -(-records // batch_size)
     epochs, rest = divmod(steps, per_epoch)
     return epochs * records + min(rest * batch_size, records)
-
-
-def child_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_ftkit(system: System, args, recipe: dict, run_dir: Path) -> dict:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
 from pathlib import Path
 
 from ftkit.io import atomic_write_text
-from ftkit.lab.launch import launch_recipe, recipe_flags, single_process_flags
+from ftkit.lab.launch import child_env, launch_recipe, recipe_flags, single_process_flags
 
 LEGACY = {"padding_free": "false", "group_by_length": False, "supervised_logits_only": False}
 MODES: dict[str, dict] = {
@@ -89,7 +88,7 @@ def run_mode(name: str, args, model_dir: Path, data: Path, run_dir: Path) -> dic
         "save_steps": 0,
         **MODES[name],
     }
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     run = launch_recipe(
         single_process_flags("no", args.threads),
         recipe_flags(recipe),
