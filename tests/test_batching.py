@@ -14,6 +14,7 @@ from ftkit.errors import ConfigError
 from ftkit.metrics import supervised_tokens
 from ftkit.train import Trainer
 
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 TOL = 1e-5  # fp32: max |difference| allowed on losses and LoRA gradients
 
 
@@ -75,7 +76,11 @@ def test_flattened_row_masks_sequence_starts_and_keeps_the_supervised_count(
     features = [trainer.data.train[i] for i in range(3)]
     flat = batching.flattening_collator()(features)
     padded = collator(trainer.tokenizer)(features)
-    assert set(flat) == {"input_ids", "labels", "position_ids"}  # no attention mask: packed path
+    # no attention mask (packed path); the boundaries are what sdpa_varlen cuts the row at
+    assert set(flat) == {"input_ids", "labels", "position_ids", *VARLEN_KEYS}
+    lengths = [len(f["input_ids"]) for f in features]
+    assert flat["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(lengths)]
+    assert flat["max_length_q"] == max(lengths)
     assert flat["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in features))
     expected_labels, expected_positions = [], []
     for f in features:
@@ -138,10 +143,11 @@ def _row_logits(model, features, use_cache):
         return model(**batch, use_cache=use_cache).logits[0]
 
 
-def test_changing_one_sequence_leaves_the_others_alone_only_without_a_cache(
-    tiny_llama_dir, records, tmp_path
-):
-    trainer = Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path, num_samples=4))
+@pytest.mark.parametrize("attn", ["sdpa", "auto"])
+def test_changing_one_sequence_leaves_the_others_alone(tiny_llama_dir, records, tmp_path, attn):
+    """Exact without a KV cache on both paths; with one, only sdpa_varlen (auto) stays exact."""
+    recipe = tiny_recipe(tiny_llama_dir, records, tmp_path, num_samples=4, attn_implementation=attn)
+    trainer = Trainer(recipe)
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     features = [dict(trainer.data.train[i]) for i in range(3)]
     changed = [dict(f) for f in features]
@@ -158,14 +164,17 @@ def test_changing_one_sequence_leaves_the_others_alone_only_without_a_cache(
     assert (exact_changed[second] - exact[second]).abs().max() > 1e-3  # the change is visible
     assert (exact_changed[others] - exact[others]).abs().max() <= 1e-6
 
-    # The guard matters: with a KV cache transformers skips packed-sequence detection and the
-    # third sequence attends to the first two.
+    # With a KV cache transformers skips packed-sequence detection and under sdpa the third
+    # sequence attends to the first two; sdpa_varlen cuts the row at cu_seq_lens regardless.
     cached = _row_logits(model, features, use_cache=True)
     cached_changed = _row_logits(model, changed, use_cache=True)
     exact_diff = float((exact_changed[others] - exact[others]).abs().max())
     cached_diff = float((cached_changed[others] - cached[others]).abs().max())
     print(f"other sequences' logits move by {exact_diff:.2e} (no cache), {cached_diff:.2e} (cache)")
-    assert cached_diff > 1e-3
+    if attn == "sdpa":
+        assert cached_diff > 1e-3
+    else:
+        assert cached_diff <= 1e-6
 
 
 def _tiny_config(model_type: str):

@@ -18,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from ftkit import attention
+from ftkit.batching import flattening_collator
 from ftkit.cli import main as ftkit_main
 from ftkit.lab.planner import BLOOM_QV, MemoryEstimate, TrainingPlan, estimate
 from ftkit.lab.presets import PRESETS
@@ -46,9 +48,11 @@ def tiny_bloom() -> BloomConfig:
     return BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=256)
 
 
-def build(cfg, plan: TrainingPlan) -> torch.nn.Module:
+def build(cfg, plan: TrainingPlan, attn_implementation: str | None = None) -> torch.nn.Module:
     """The model a run of ``plan`` trains: LoRA in half precision loads the base in half."""
     torch.manual_seed(0)
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
     model = (LlamaForCausalLM if cfg.model_type == "llama" else BloomForCausalLM)(cfg)
     if plan.full:
         return model
@@ -123,10 +127,18 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    ("supervised", "padding_free", "gc"),
-    [(True, False, False), (True, True, True), (False, False, True), (False, True, False)],
+    ("supervised", "padding_free", "gc", "attn"),
+    [
+        (True, False, False, "auto"),
+        (True, True, True, "auto"),
+        (False, False, True, "auto"),
+        (False, True, False, "auto"),
+        (True, True, False, "sdpa"),
+    ],
 )
-def test_loss_phase_matches_the_live_tensors_of_a_32k_vocabulary_step(supervised, padding_free, gc):
+def test_loss_phase_matches_the_live_tensors_of_a_32k_vocabulary_step(
+    supervised, padding_free, gc, attn
+):
     # At a 32k vocabulary the loss phase is the step's peak: 12 bytes x vocabulary per logit
     # row (saved fp32 log-softmax, its gradient, the logits' gradient). Rows are every token, or
     # with supervised logits only the 2 x 24 positions after each 8-token prompt; a flattened
@@ -149,20 +161,25 @@ def test_loss_phase_matches_the_live_tensors_of_a_32k_vocabulary_step(supervised
         seq_len=seq,
         gradient_checkpointing=gc,
         padding_free=padding_free,
+        attn_implementation=attn,
         supervised_logits_only=supervised,
         supervised_fraction=(seq - prompt) / seq,
     )
-    model = build(cfg, plan)
+    model = build(cfg, plan, attention.resolve(attn, padding_free))
     if gc:
         enable_gradient_checkpointing(model)  # as training does
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :prompt] = -100
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    if padding_free:
-        positions = torch.arange(seq).repeat(batch).view(1, -1)
-        inputs = {"input_ids": ids.view(1, -1), "labels": labels.view(1, -1)}
-        inputs["position_ids"] = positions
+    if padding_free:  # what ftkit's collator makes of the two rows
+        inputs = flattening_collator()(
+            [
+                {"input_ids": i.tolist(), "labels": y.tolist()}
+                for i, y in zip(ids, labels, strict=True)
+            ]
+        )
+        assert torch.equal(inputs["labels"], labels.view(1, -1))  # the prompt masks each start
     n = (labels[:, 1:] != -100).sum()
     predicted = estimate(cfg, plan)
     assert plan.logit_rows == (batch * (seq - prompt) if supervised else batch * seq)

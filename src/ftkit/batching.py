@@ -7,10 +7,11 @@
   similar lengths inside random mega-batches; still right-padded, with far less padding.
 * **padding-free** (``padding_free: true``): each micro-batch is one flattened row with
   ``position_ids`` restarting at 0 for every sequence (transformers' ``DataCollatorWithFlattening``),
-  no padding at all. transformers derives a block-diagonal causal mask from those position ids
-  (SDPA/eager on CPU, flash-attention varlen on GPU) *only when there is no attention mask and no
-  KV cache*, so the model must be called with ``use_cache=False``: with a ``DynamicCache`` the
-  packed-sequence detection is skipped and attention silently crosses sequence boundaries.
+  no padding at all. By default attention runs per sequence (:mod:`ftkit.attention`, cut at the
+  collator's ``cu_seq_lens_q``). Under ``sdpa``/``eager`` transformers derives a block-diagonal
+  causal mask from the position ids *only when there is no attention mask and no KV cache*, so
+  the model is always called with ``use_cache=False``: with a ``DynamicCache`` the
+  packed-sequence detection is skipped and that attention silently crosses sequence boundaries.
 
 Labels of a flattened row: the collator writes ``-100`` in place of each sequence's first label,
 so the (shifted) target at every sequence boundary is masked, and every other label is ours
@@ -46,8 +47,12 @@ _NOT_EXACT = {
 
 
 def flattening_collator() -> DataCollatorWithFlattening:
-    """One row per micro-batch: input_ids, labels (-100 at sequence starts) and position_ids."""
-    return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+    """One row per micro-batch: input_ids, labels (-100 at sequence starts), position_ids, and
+    the sequence boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``) that varlen attention
+    (ftkit's ``sdpa_varlen``, flash-attention) cuts the row at; SDPA and eager ignore them."""
+    return DataCollatorWithFlattening(
+        return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=True
+    )
 
 
 def padding_free_problem(model_config) -> str | None:

@@ -184,6 +184,10 @@ def estimate(argv: list[str]) -> None:
         help="one flattened row per micro-batch (auto: where exact, as training's default)",
     )  # fmt: skip
     parser.add_argument(
+        "--attn_implementation", choices=["auto", "sdpa", "sdpa_varlen"], default="auto",
+        help="attention over a flattened row (auto: sdpa_varlen, as training's default)",
+    )  # fmt: skip
+    parser.add_argument(
         "--full_logits", action="store_true",
         help="LM head at every position (supervised_logits_only false)",
     )  # fmt: skip
@@ -217,6 +221,7 @@ def estimate(argv: list[str]) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         seq_len=args.seq_len,
         padding_free={"auto": None, "true": True, "false": False}[args.padding_free],
+        attn_implementation=args.attn_implementation,
         supervised_logits_only=not args.full_logits,
         supervised_fraction=args.supervised_fraction,
         world_size=args.world_size,

@@ -84,11 +84,26 @@ class ModelConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward (use_reentrant=False)."}
     )
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (sdpa_varlen for padding-free batches, else transformers' default), "
+            "sdpa, eager, sdpa_varlen (one causal SDPA per sequence of a flattened row) or "
+            "flash_attention_2 (CUDA + flash-attn)."
+        },
+    )
 
     def __post_init__(self):
+        from ftkit.attention import ATTN_IMPLEMENTATIONS
+
         _require(
             self.model_dtype in PRECISIONS,
             f"model_dtype={self.model_dtype!r} is not one of {PRECISIONS}",
+        )
+        _require(
+            self.attn_implementation in ATTN_IMPLEMENTATIONS,
+            f"attn_implementation={self.attn_implementation!r} is not one of "
+            f"{ATTN_IMPLEMENTATIONS}",
         )
         _require(
             not (self.load_in_8bit and self.load_in_4bit),

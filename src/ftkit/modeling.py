@@ -104,15 +104,23 @@ def fit_embeddings(model, tokenizer) -> bool:
     return True
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device | str = "cpu", tokenizer=None):
+def load_base_model(
+    cfg: ModelConfig, device: torch.device | str = "cpu", tokenizer=None, padding_free=False
+):
     """``AutoModelForCausalLM.from_pretrained`` with the requested dtype / quantisation / GC.
 
     With ``tokenizer``, the embeddings are fitted to it (``fit_embeddings``: an added pad token).
+    ``padding_free`` (training on flattened rows) is what ``attn_implementation: auto`` reads.
     """
+    from ftkit import attention
+
     path = resolve_model_path(cfg.model_name_or_path)
     require_model_dir(path)
     quant = quantization_config(cfg)
     kwargs = {"dtype": torch_dtype(cfg.model_dtype)}
+    attn_implementation = attention.resolve(cfg.attn_implementation, padding_free)
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
@@ -207,10 +215,15 @@ def apply_adapter(model, cfg: AdapterConfig, seed: int):
 
 
 def build_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, seed: int, device="cpu", tokenizer=None
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    seed: int,
+    device="cpu",
+    tokenizer=None,
+    padding_free=False,
 ):
     """Base model (fitted to ``tokenizer``) + adapter, with gradient checkpointing if asked."""
-    model = load_base_model(model_cfg, device, tokenizer=tokenizer)
+    model = load_base_model(model_cfg, device, tokenizer=tokenizer, padding_free=padding_free)
     model = apply_adapter(model, adapter_cfg, seed)
     if model_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -53,6 +53,7 @@ NOT_IDENTITY = frozenset(
         "save_total_limit",
         "per_device_eval_batch_size",
         "gradient_checkpointing",  # recomputes the same activations
+        "attn_implementation",  # the same attention by another kernel (tests/test_attention.py)
         # `auto` is resolved from the records (and written back into the recipe); the records
         # themselves are identified by the split identity below.
         "data_format",

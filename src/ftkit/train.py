@@ -24,7 +24,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ftkit import adapters, batching, card, checkpoint, engines, hub, reporting, rundir, tracking
+from ftkit import (
+    adapters,
+    attention,
+    batching,
+    card,
+    checkpoint,
+    engines,
+    hub,
+    reporting,
+    rundir,
+    tracking,
+)
 from ftkit.config import (
     RESOLVED_CONFIG_NAME,
     Recipe,
@@ -151,6 +162,9 @@ class Trainer:
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
+        self.attn_implementation = attention.recipe_name(  # checked before anything loads
+            attention.resolve(recipe.model.attn_implementation, self.padding_free)
+        )
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
@@ -169,6 +183,7 @@ class Trainer:
             recipe.train.seed,
             device=self.accelerator.device,
             tokenizer=self.tokenizer,  # an added pad token resizes the embeddings
+            padding_free=self.padding_free,
         )
         self.memory.make_resident(model.parameters())
         optimizer = torch.optim.AdamW(
@@ -503,6 +518,7 @@ class Trainer:
             "model_dtype": self.recipe.model.model_dtype,
             "gradient_accumulation_steps": self.recipe.train.gradient_accumulation_steps,
             "gradient_checkpointing": self.recipe.model.gradient_checkpointing,
+            "attn_implementation": self.attn_implementation,
             "lora_impl": self.recipe.adapter.lora_impl,
             "quantization": quant,
             "world_size": self.accelerator.num_processes,

@@ -280,7 +280,7 @@ def run_bare(spec: dict) -> dict:
     supervised-logits loss) and a torch ``DataLoader``, AdamW, gradient clipping and the same
     LR schedule, without Accelerate or ftkit's loop: the floor ftkit's step time is compared to.
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
     from transformers import get_scheduler
 
     from ftkit import batching
@@ -297,7 +297,9 @@ def run_bare(spec: dict) -> dict:
     padding_free = batching.resolve_padding_free(recipe.data.padding_free, spec["model_dir"])
     loader = ftkit_loader(data.train, recipe, tokenizer, padding_free)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as the Trainers
-    model = build_model(recipe.model, recipe.adapter, seed, device=device, tokenizer=tokenizer)
+    model = build_model(
+        recipe.model, recipe.adapter, seed, device, tokenizer=tokenizer, padding_free=padding_free
+    )
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -313,7 +315,7 @@ def run_bare(spec: dict) -> dict:
     for epoch in range(math.ceil(cfg.max_steps / len(loader))):
         loader.sampler.set_epoch(epoch)
         for batch in loader:
-            batch = {key: value.to(device) for key, value in batch.items()}
+            batch = send_to_device(batch, device)  # max_length_q/k are ints
             began = time.perf_counter()
             tokens = supervised_tokens(batch)
             if supervised_logits:

@@ -53,8 +53,10 @@ class TrainingPlan:
 
     Batching follows training's defaults.  ``padding_free`` (None = auto: on where
     ``ftkit.batching`` proves it exact, as training's ``padding_free: auto``) flattens each
-    micro-batch into one row, for which transformers builds a dense block-diagonal mask that SDPA
-    saves in every block (flash-attention's varlen kernel would not; the planner assumes SDPA).
+    micro-batch into one row, for which transformers builds a dense block-diagonal T x T
+    boolean mask once per forward.  ``attn_implementation`` follows training's field: under
+    ``auto``/``sdpa_varlen`` (ftkit's per-sequence SDPA, the padding-free default) that mask is
+    all; under ``sdpa`` SDPA also converts it to the compute dtype and saves it in every block.
     ``supervised_logits_only`` computes the LM head only at positions whose shifted target is
     supervised, ``supervised_fraction`` of each sequence (1.0, the worst case, when prompts are
     not masked or short); a padded batch keeps the union of its rows' supervised columns, so give
@@ -74,6 +76,7 @@ class TrainingPlan:
     strategy: str = "ddp"
     device: str = "cuda"
     padding_free: bool | None = None
+    attn_implementation: str = "auto"
     supervised_logits_only: bool = True
     supervised_fraction: float = 1.0
 
@@ -93,6 +96,7 @@ class TrainingPlan:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name, value, valid in (
+            ("attn_implementation", self.attn_implementation, ("auto", "sdpa", "sdpa_varlen")),
             ("precision", self.precision, PRECISIONS),
             ("quantization", self.quantization, QUANTIZATIONS),
             ("strategy", self.strategy, STRATEGIES),
@@ -136,7 +140,9 @@ class TrainingPlan:
         if self.gradient_accumulation_steps > 1:
             parts.append(f"GA x{self.gradient_accumulation_steps}")
         if self.padding_free:
-            parts.append("padding-free")
+            parts.append(
+                "padding-free" + (" (sdpa mask)" if self.attn_implementation == "sdpa" else "")
+            )
         if self.supervised_logits_only:
             parts.append(f"logits at {self.supervised_fraction:.0%} of positions")
         if self.world_size > 1:
@@ -436,9 +442,11 @@ def _activation_phases(
     head_grad = 4 * V * h if R.train_base else 0
     bwd = _layer_backward_transient(a, R, plan.seq_len)
     logits = R.c * V + (4 * V if R.c == 2 else 0)  # lm_head output and its fp32 upcast
-    # A flattened row gets a dense block-diagonal T x T boolean mask from transformers, which
-    # SDPA converts to the query's dtype and saves for backward, in every block it runs.
-    bool_mask, layer_mask = (T * T, R.c * T * T) if plan.padding_free else (0, 0)
+    # A flattened row gets a dense block-diagonal T x T boolean mask from transformers; plain
+    # SDPA converts it to the query's dtype and saves it for backward in every block it runs,
+    # sdpa_varlen (the padding-free default) attends per sequence without it.
+    bool_mask = T * T if plan.padding_free else 0
+    layer_mask = R.c * T * T if plan.padding_free and plan.attn_implementation == "sdpa" else 0
     if plan.gradient_checkpointing:
         kept = L * R.resid * h
         graph_copies = lm_copy
