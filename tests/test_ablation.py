@@ -272,3 +272,37 @@ def test_planner_predicts_real_vocabulary_cells(tmp_path, llama2_tokenizer_dir):
         assert row["planner_peak_phase"] == "loss backward"
         error = row["planner_error"]
         assert abs(error) < VOCAB_32K_TOLERANCE, (row["cell"], error)
+
+
+def test_gpu_check_report_renders_every_section():
+    """The report code runs only on a GPU: render it here from figures of the recorded shape."""
+    from ftkit.lab.gpucheck import report
+
+    gib = 2**30
+    figures = {
+        "machine": "test machine",
+        "precision": [
+            {"precision": "fp16", "steps": 30, "optimizer_steps_skipped": 2,
+             "eval_loss_before": 6.1, "eval_loss": 5.2, "step_time_s": 0.05, "peak_bytes": gib},
+            {"precision": "bf16", "result": "not supported by this GPU"},
+        ],
+        "planner": [
+            {"cell": "1x1-bf16-peft-nogc", "peak_bytes": 3 * gib, "reserved_bytes": 4 * gib,
+             "planned_bytes": 3.1 * gib, "planner_error": 0.03, "step_time_s": 0.2},
+        ],
+        "own_vs_peft_step_time": 1.02,
+        "engines": [
+            {"engine": "FSDP2", "config": "accelerate_configs/fsdp2.yaml",
+             "adapter_relative_difference": 1e-6, "agrees": True, "step_time_s": 0.1},
+        ],
+        "loss_kernel": [
+            {"loss_kernel": "none", "logits_mode": "supervised", "peak_bytes": 5 * gib,
+             "reserved_bytes": 6 * gib, "step_time_s": 0.3, "first_loss": 10.4},
+            {"loss_kernel": "liger", "logits_mode": "liger", "peak_bytes": 4 * gib,
+             "reserved_bytes": 5 * gib, "step_time_s": 0.28, "first_loss": 10.41, "agrees": True},
+        ],
+    }  # fmt: skip
+    text = report("NVIDIA H200", figures)
+    assert "| liger | liger | 4.00 GiB | 5.00 GiB | 280.0 ms | 10.4100 (agrees) |" in text
+    figures["loss_kernel"] = [{"loss_kernel": "liger", "result": "not run: pip install"}]
+    assert "| liger | not run: pip install |" in report("NVIDIA H200", figures)

@@ -9,6 +9,7 @@ from helpers import tiny_recipe, write_records
 from test_batching import TOL, assert_same, window_results
 
 from ftkit import cli, metrics
+from ftkit.data import IGNORE_INDEX
 from ftkit.errors import ConfigError
 from ftkit.metrics import supervised_positions
 from ftkit.train import Trainer
@@ -137,3 +138,97 @@ def test_loss_kernel_liger_is_refused_on_cpu_with_one_line(capsys, monkeypatch, 
         metrics.check_loss_kernel("liger", cuda_available=True)
     with pytest.raises(ConfigError, match="loss_kernel='fused'"):
         tiny_recipe("m", "d", "o", loss_kernel="fused")
+
+
+# -- loss_kernel liger: the fused path, proven on CPU with a torch stand-in for liger's kernel ------
+
+
+def torch_fused_cross_entropy(weight, hidden, targets, bias):
+    """What liger's fused linear cross-entropy computes (in chunks, without keeping logits)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return torch.nn.functional.cross_entropy(
+        logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _prompt_masked_row(lengths, prompt=3, vocab=300):
+    from ftkit.batching import flattening_collator
+
+    generator = torch.Generator().manual_seed(1)
+    features = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return flattening_collator()(features)
+
+
+def _config(model_type):
+    from test_batching import _tiny_config
+    from transformers import Gemma2Config
+
+    if model_type != "gemma2":
+        return _tiny_config(model_type)
+    # Gemma-2 soft-caps its logits after the head: lm_head(hidden) is not its logits
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+    values.update(num_attention_heads=4, num_key_value_heads=2, final_logit_softcapping=3.0)
+    return Gemma2Config(vocab_size=300, **values)
+
+
+@pytest.mark.parametrize("model_type", [*metrics.FUSED_HEAD_EXACT, "gemma2"])
+def test_the_fused_head_loss_is_the_supervised_logits_loss(model_type):
+    """Loss and every weight's gradient (head included), per architecture it is allowed for."""
+    from transformers import AutoModelForCausalLM
+
+    config = _config(model_type)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()  # no dropout draws
+    batch = _prompt_masked_row((7, 9, 6))
+    n = metrics.supervised_tokens(batch)
+    results = []
+    for loss_of in (
+        lambda: metrics.supervised_logits_loss(model, batch, n),
+        lambda: metrics.fused_head_loss(model, batch, n, torch_fused_cross_entropy),
+    ):
+        model.zero_grad(set_to_none=True)
+        loss = loss_of().loss
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    worst = max(float((grads_a[k] - grads_b[k]).abs().max()) for k in grads_a)
+    exact = abs(loss_a - loss_b) <= 1e-6 and grads_a.keys() == grads_b.keys() and worst <= 1e-6
+    assert exact == (model_type in metrics.FUSED_HEAD_EXACT), (loss_a, loss_b, worst)
+
+
+def test_trainer_with_the_fused_kernel_equals_supervised_logits(
+    tiny_llama_dir, records, tmp_path, monkeypatch
+):
+    """The Trainer's liger path with the torch stand-in (CUDA and liger are what CPU lacks)."""
+    common = dict(num_samples=6, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    common.update(max_steps=2, padding_free="true")
+    reference = window_results(tiny_recipe(tiny_llama_dir, records, tmp_path, **common), 2)
+    monkeypatch.setattr("ftkit.train.check_loss_kernel", lambda kernel: None)
+    monkeypatch.setattr("ftkit.train.liger_cross_entropy", lambda: torch_fused_cross_entropy)
+    recipe = tiny_recipe(tiny_llama_dir, records, tmp_path / "fused", loss_kernel="liger", **common)
+    fused = window_results(recipe, 2)
+    for a, b in zip(reference, fused, strict=True):
+        assert_same(a, b, tol=1e-6)
+    Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path / "run", loss_kernel="liger")).fit()
+    throughput = json.loads((tmp_path / "run" / "metrics.json").read_text())["throughput"]
+    assert throughput["logits_mode"] == "liger"
+    assert 0 < throughput["logits_fraction"] < 1
+
+
+@pytest.mark.parametrize(
+    ("model_type", "targets", "sharded", "message"),
+    [
+        ("gemma2", ["q_proj"], False, "not proven exact for gemma2 models"),
+        ("llama", ["q_proj", "lm_head"], False, "LoRA on lm_head would be skipped"),
+        ("llama", ["q_proj", "v_proj"], True, "hold only a shard of it"),
+    ],
+)
+def test_the_fused_kernel_refuses_what_it_would_get_wrong(model_type, targets, sharded, message):
+    with pytest.raises(ConfigError, match=message):
+        metrics.check_fused_head("liger", model_type, targets, sharded)
+    metrics.check_fused_head("none", model_type, targets, sharded)  # nothing asked, nothing refused

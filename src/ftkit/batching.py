@@ -185,9 +185,11 @@ class TokenCounts:
     whose LM-head logits were computed ÷ positions the model ran on.
     """
 
-    def __init__(self, mode: str, logits_positions=None):
+    def __init__(self, mode: str, logits_positions=None, logits_mode: str | None = None):
         self.mode = mode
         self.logits_positions = logits_positions  # batch -> positions whose logits are computed
+        # full, supervised, or the fused loss kernel (logits computed in chunks, never kept)
+        self.logits_mode = logits_mode or ("full" if logits_positions is None else "supervised")
         self.real = self.computed = self.supervised = self.logits = 0
         self.step_time_s = 0.0
 
@@ -217,7 +219,7 @@ class TokenCounts:
             "real_tokens": int(real),
             "computed_tokens": int(computed),
             "supervised_tokens": int(supervised),
-            "logits_mode": "full" if self.logits_positions is None else "supervised",
+            "logits_mode": self.logits_mode,
             "logits_fraction": logits / computed if computed else None,
         }
 

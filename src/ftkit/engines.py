@@ -219,6 +219,11 @@ def clip_parameters(accelerator: Accelerator, model, trainable: list) -> list:
 # -- checkpoints and saving -----------------------------------------------------------------------
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """FSDP or ZeRO-3: outside a module's forward a rank holds only a shard of its weights."""
+    return accelerator.distributed_type == DistributedType.FSDP or zero_stage(accelerator) == 3
+
+
 def shards_model(accelerator: Accelerator) -> bool:
     """DeepSpeed or FSDP: ``save_state`` writes the model itself (its hooks get no weights)."""
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)

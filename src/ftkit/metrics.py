@@ -124,6 +124,11 @@ def example_losses(
 # -- loss kernels ------------------------------------------------------------------------------------
 
 LOSS_KERNELS = ("none", "liger")
+# Model types whose logits are exactly ``lm_head(last hidden state)`` (the final norm inside the
+# decoder, no scaling or soft-capping after the head), so a fused linear cross-entropy over the
+# head's weight is the model's own loss. Each is proven in tests/test_logits.py against
+# supervised_logits_loss with a torch stand-in for the kernel.
+FUSED_HEAD_EXACT = ("llama", "mistral", "qwen2", "gemma", "phi", "phi3", "gpt2", "bloom", "opt")
 
 
 def check_loss_kernel(kernel: str, cuda_available: bool | None = None) -> None:
@@ -145,10 +150,55 @@ def check_loss_kernel(kernel: str, cuda_available: bool | None = None) -> None:
         raise ConfigError(
             "loss_kernel liger needs the liger-kernel package: pip install 'ftkit[liger]'"
         )
-    raise ConfigError(
-        "loss_kernel liger is not implemented in this version of ftkit yet; use loss_kernel none "
-        "(supervised_logits_only true computes the LM head only at supervised positions)"
-    )
+
+
+def check_fused_head(kernel: str, model_type: str, lora_targets, sharded: bool) -> None:
+    """Refuse, before the model loads, a fused head loss that would not be the model's loss."""
+    from ftkit.errors import ConfigError
+
+    if kernel == "none":
+        return
+    if model_type not in FUSED_HEAD_EXACT:
+        raise ConfigError(
+            f"loss_kernel {kernel} is not proven exact for {model_type} models (their logits "
+            f"are not just lm_head(hidden); proven: {', '.join(FUSED_HEAD_EXACT)}): use "
+            "loss_kernel none"
+        )
+    if any("lm_head" in str(t) for t in (lora_targets or ())):
+        raise ConfigError(
+            f"loss_kernel {kernel} reads lm_head's weight directly, so LoRA on lm_head would be "
+            "skipped: drop lm_head from lora_target or use loss_kernel none"
+        )
+    if sharded:
+        raise ConfigError(
+            f"loss_kernel {kernel} reads lm_head's weight outside the forward, where FSDP and "
+            "DeepSpeed ZeRO-3 hold only a shard of it: use ZeRO-2/DDP or loss_kernel none"
+        )
+
+
+def liger_cross_entropy():
+    """liger-kernel's fused linear cross-entropy: (weight, hidden, targets, bias) -> summed loss."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def fused_head_loss(model, batch, num_items: torch.Tensor, kernel) -> LossOutput:
+    """The supervised-logits loss with the head fused into the loss: no logits materialised.
+
+    The model runs through its own forward (so DDP/DeepSpeed hooks, GC and the final norm are
+    its own) with an empty ``logits_to_keep``; transformers returns the last hidden state, after
+    the final norm, as ``hidden_states[-1]``. ``kernel(weight, hidden, targets, bias)`` then
+    computes the summed cross-entropy of ``lm_head`` at the supervised positions.
+    """
+    labels = batch["labels"]
+    keep = supervised_positions(labels)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, use_cache=False, logits_to_keep=keep[:0], output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, keep].flatten(0, 1)
+    head = _core_model(model).get_output_embeddings()
+    loss_sum = kernel(head.weight, hidden, labels[:, keep + 1].flatten(), head.bias)
+    return LossOutput(loss_sum / num_items)
 
 
 def perplexity(loss: float) -> float:

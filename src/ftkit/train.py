@@ -47,8 +47,11 @@ from ftkit.data import InstructionData, build_datasets, collator
 from ftkit.errors import ConfigError, FtkitError
 from ftkit.meter import PeakMemoryMeter, parameter_counts, tensor_bytes, trainable_parameters_line
 from ftkit.metrics import (
+    check_fused_head,
     check_loss_kernel,
     example_losses,
+    fused_head_loss,
+    liger_cross_entropy,
     logits_positions,
     perplexity,
     supervised_logits_loss,
@@ -171,6 +174,7 @@ class Trainer:
             )
         check_precision_combination(recipe, self.accelerator.mixed_precision)
         engines.check_recipe(self.accelerator, recipe)
+        self.loss_kernel = self._loss_kernel()
         self.split = rundir.split_identity(self.data)
         check_ranks_get_distinct_records(
             len(self.data.train),
@@ -196,7 +200,8 @@ class Trainer:
         self.supervised_logits = use_supervised_logits(recipe.train.supervised_logits_only, model)
         self.token_counts = batching.TokenCounts(
             batching.mode_name(self.padding_free, recipe.data.group_by_length),
-            logits_positions if self.supervised_logits else None,
+            logits_positions if self.supervised_logits or self.loss_kernel else None,
+            logits_mode=recipe.train.loss_kernel if self.loss_kernel else None,
         )
         self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
             model, optimizer, train_loader, eval_loader
@@ -216,6 +221,21 @@ class Trainer:
         # Saved as data (ftkit_state.json) by checkpoint.save, not as Accelerate's pickles.
         self.checkpointed = {"scheduler": self.scheduler, "progress": self.progress}
         checkpoint.register_adapter_only_hooks(self.accelerator)
+
+    def _loss_kernel(self):
+        """The fused head+loss kernel asked for (None: the model's head, then cross-entropy)."""
+        kernel = self.recipe.train.loss_kernel
+        if kernel == "none":
+            return None
+        from transformers import AutoConfig
+
+        check_fused_head(
+            kernel,
+            AutoConfig.from_pretrained(self.base_path).model_type,
+            self.recipe.adapter.lora_target,
+            engines.shards_parameters(self.accelerator),
+        )
+        return liger_cross_entropy()
 
     def _claim(self, dry_run: bool = False) -> None:
         cfg = self.recipe.train
@@ -322,6 +342,8 @@ class Trainer:
         computes full logits and its own loss (``num_items_in_batch``). ``use_cache=False``
         always: a KV cache would make transformers ignore a flattened row's sequence boundaries.
         """
+        if self.loss_kernel is not None:
+            return fused_head_loss(self.model, batch, window_tokens, self.loss_kernel)
         if self.supervised_logits:
             return supervised_logits_loss(self.model, batch, window_tokens)
         return self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)

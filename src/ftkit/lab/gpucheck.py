@@ -7,7 +7,9 @@ The CPU suite proves the techniques' equivalences; these are the parts a CPU can
    LLaMA-shaped model built from config (the ``gpu`` grid: LoRA r 8 q/v, bf16, 1 x 512, GC
    off/on), and own vs PEFT LoRA step time from the same grid;
 3. FSDP2 and DeepSpeed ZeRO-3 through Accelerate with one process, adapters compared with a plain
-   single-process run of the same steps.
+   single-process run of the same steps;
+4. ``loss_kernel: liger`` (fused linear cross-entropy, no logits kept) against the default
+   supervised logits on the grid's model (bf16, 4 x 512, padding-free): peak, step time, loss.
 
 Every run is a fresh ``accelerate launch -m ftkit train`` (the path users run).
 
@@ -99,6 +101,56 @@ def planner_rows(out: Path) -> list[dict]:
     return run_grid(Grid.load("gpu", dataset=str(data)), out / "planner", title="gpu-check")
 
 
+def long_records_for_loss_kernels(out: Path) -> Path:
+    return long_records(out / "long_records_4x.json", 4 * LOSS_KERNEL_STEPS)
+
+
+LOSS_KERNEL_STEPS = 8
+LOSS_KERNEL_TOLERANCE = 1e-2  # |Δ first-step loss| / loss: bf16, chunked vs whole-row softmax
+
+
+def loss_kernel_rows(out: Path, data: Path) -> list[dict]:
+    """Supervised logits vs liger on the planner grid's base (its bf16 copy), same steps."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return [{"loss_kernel": "liger", "result": "not run: pip install 'ftkit[liger]'"}]
+    recipe = {
+        "model_name_or_path": str(out / "planner" / "base" / "bf16"),
+        "model_dtype": "bf16",
+        "dataset": str(data),
+        "validation_size": 0,
+        "max_length": 512,
+        "per_device_train_batch_size": 4,
+        "max_steps": LOSS_KERNEL_STEPS,
+        "save_steps": 0,
+        "lora_dropout": 0.0,
+    }
+    rows = []
+    for kernel in ("none", "liger"):
+        run = launch_recipe(
+            single_process_flags("bf16"),
+            recipe_flags({**recipe, "loss_kernel": kernel}),
+            out / "loss-kernel" / kernel,
+            name=f"loss_kernel {kernel} run",
+            env=child_env(),
+        )
+        first_loss = run.steps[0]["loss"]
+        rows.append(
+            {
+                "loss_kernel": kernel,
+                "logits_mode": run.metrics["throughput"]["logits_mode"],
+                "peak_bytes": run.metrics["memory"]["peak_bytes"],
+                "reserved_bytes": run.metrics["memory"]["reserved_bytes"],
+                "step_time_s": run.median("step_time_s"),
+                "first_loss": first_loss,
+            }
+        )
+    reference = rows[0]["first_loss"]
+    rows[1]["agrees"] = abs(rows[1]["first_loss"] - reference) <= LOSS_KERNEL_TOLERANCE * reference
+    return rows
+
+
 def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -176,6 +228,19 @@ def report(device: str, figures: dict) -> str:
             f"| {r['engine']} | `{r['config']}` | {r['adapter_relative_difference']:.1e} | "
             f"{'yes' if r['agrees'] else 'NO'} | {r['step_time_s'] * 1e3:.1f} ms |"
         )
+    lines += ["", f"## Loss kernel, bf16, 4 x 512 padding-free, {LOSS_KERNEL_STEPS} steps", ""]
+    lines += ["| loss_kernel | logits | peak allocated | reserved | step time | first loss |"]
+    lines += ["|---|---|---:|---:|---:|---|"]
+    for r in figures["loss_kernel"]:
+        if "result" in r:
+            lines.append(f"| {r['loss_kernel']} | {r['result']} | | | | |")
+            continue
+        agrees = {True: " (agrees)", False: " (DIFFERS)"}.get(r.get("agrees"), "")
+        lines.append(
+            f"| {r['loss_kernel']} | {r['logits_mode']} | {_gib(r['peak_bytes'])} | "
+            f"{_gib(r['reserved_bytes'])} | {r['step_time_s'] * 1e3:.1f} ms | "
+            f"{r['first_loss']:.4f}{agrees} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -198,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "planner": planner,
         "own_vs_peft_step_time": lora["ftkit"]["step_time_s"] / lora["peft"]["step_time_s"],
         "engines": engine_rows(out, Path(args.repo).resolve()),
+        "loss_kernel": loss_kernel_rows(out, long_records_for_loss_kernels(out)),
     }
     results = Path(args.results_dir) / f"gpu-{device_slug(device)}"
     atomic_write_json(results / "gpu_check.json", figures)
