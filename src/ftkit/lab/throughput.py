@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -219,7 +220,7 @@ def report_interleaved(table: list[dict], args, command: str, machine: str) -> s
     lines = [
         "# Batching and logits modes on CPU (one process, interleaved epochs)",
         "",
-        f"Machine: {machine}, shared with other users while this ran. Command: `{command}`.",
+        f"Machine: {machine}. Command: `{command}`.",
         f"LLaMA-shaped model from config (hidden {args.hidden}, {args.layers} layers, the real "
         f"32,000-token LLaMA-2 tokenizer), the first {args.records} Alpaca records, {args.lora_impl} "
         f"LoRA r 8 q/v, fp32, batch {args.batch_size}, max_length {args.max_length}. One Trainer "
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     from ftkit.lab.ablation import machine
 
+    # Measured, not asserted: how busy the machine was when the runs began.
+    where = f"{machine()}, 1-minute load average {os.getloadavg()[0]:.2f} at the start"
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = build_model(out, args.tokenizer, args.hidden, args.layers)
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
     table = summarise(rows)
     command = shlex.join(["python", "-m", "ftkit.lab.throughput", *(argv or sys.argv[1:])])
-    text = (report if args.processes else report_interleaved)(table, args, command, machine())
+    text = (report if args.processes else report_interleaved)(table, args, command, where)
     stem = "throughput-processes" if args.processes else "throughput"
     for where in {out, Path(args.results_dir)} if args.results_dir else {out}:
         where.mkdir(parents=True, exist_ok=True)
