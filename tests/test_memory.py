@@ -16,7 +16,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from transformers import BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    BloomForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from ftkit import attention
 from ftkit.batching import flattening_collator
@@ -51,9 +57,7 @@ def tiny_bloom() -> BloomConfig:
 def build(cfg, plan: TrainingPlan, attn_implementation: str | None = None) -> torch.nn.Module:
     """The model a run of ``plan`` trains: LoRA in half precision loads the base in half."""
     torch.manual_seed(0)
-    if attn_implementation is not None:
-        cfg._attn_implementation = attn_implementation
-    model = (LlamaForCausalLM if cfg.model_type == "llama" else BloomForCausalLM)(cfg)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     if plan.full:
         return model
     if plan.precision != "fp32":

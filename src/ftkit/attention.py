@@ -139,6 +139,6 @@ def resolve(setting: str, padding_free: bool) -> str | None:
     return setting
 
 
-def recipe_name(resolved: str | None) -> str:
-    """What ``metrics.json`` records: the recipe's name of the implementation that ran."""
-    return {None: "sdpa", REGISTERED_NAME: SDPA_VARLEN}.get(resolved, resolved)
+def recipe_name(loaded: str) -> str:
+    """What ``metrics.json`` records: the recipe's name of the implementation a model runs."""
+    return SDPA_VARLEN if loaded == REGISTERED_NAME else loaded

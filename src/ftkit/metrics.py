@@ -80,13 +80,17 @@ class LossOutput:
     loss: torch.Tensor
 
 
-def _kept_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the supervised positions (B, K, V) and their targets (B, K)."""
+def _split_at_supervised(batch) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """The model's inputs, the supervised positions ``keep`` and their targets (B, K)."""
     labels = batch["labels"]
     keep = supervised_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return logits, labels[:, keep + 1]
+    return {k: v for k, v in batch.items() if k != "labels"}, keep, labels[:, keep + 1]
+
+
+def _kept_logits(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the supervised positions (B, K, V) and their targets (B, K)."""
+    inputs, keep, targets = _split_at_supervised(batch)
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits, targets
 
 
 def supervised_logits_loss(model, batch, num_items: torch.Tensor) -> LossOutput:
@@ -191,13 +195,11 @@ def fused_head_loss(model, batch, num_items: torch.Tensor, kernel) -> LossOutput
     the final norm, as ``hidden_states[-1]``. ``kernel(weight, hidden, targets, bias)`` then
     computes the summed cross-entropy of ``lm_head`` at the supervised positions.
     """
-    labels = batch["labels"]
-    keep = supervised_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs, keep, targets = _split_at_supervised(batch)
     out = model(**inputs, use_cache=False, logits_to_keep=keep[:0], output_hidden_states=True)
     hidden = out.hidden_states[-1][:, keep].flatten(0, 1)
     head = _core_model(model).get_output_embeddings()
-    loss_sum = kernel(head.weight, hidden, labels[:, keep + 1].flatten(), head.bias)
+    loss_sum = kernel(head.weight, hidden, targets.flatten(), head.bias)
     return LossOutput(loss_sum / num_items)
 
 

@@ -165,9 +165,7 @@ class Trainer:
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
-        self.attn_implementation = attention.recipe_name(  # checked before anything loads
-            attention.resolve(recipe.model.attn_implementation, self.padding_free)
-        )
+        attention.resolve(recipe.model.attn_implementation, self.padding_free)  # before loading
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
@@ -189,6 +187,8 @@ class Trainer:
             tokenizer=self.tokenizer,  # an added pad token resizes the embeddings
             padding_free=self.padding_free,
         )
+        # What the model really runs (transformers' default may differ per architecture).
+        self.attn_implementation = attention.recipe_name(model.config._attn_implementation)
         self.memory.make_resident(model.parameters())
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],

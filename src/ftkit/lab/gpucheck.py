@@ -101,22 +101,19 @@ def planner_rows(out: Path) -> list[dict]:
     return run_grid(Grid.load("gpu", dataset=str(data)), out / "planner", title="gpu-check")
 
 
-def long_records_for_loss_kernels(out: Path) -> Path:
-    return long_records(out / "long_records_4x.json", 4 * LOSS_KERNEL_STEPS)
-
-
 LOSS_KERNEL_STEPS = 8
 LOSS_KERNEL_TOLERANCE = 1e-2  # |Δ first-step loss| / loss: bf16, chunked vs whole-row softmax
 
 
-def loss_kernel_rows(out: Path, data: Path) -> list[dict]:
-    """Supervised logits vs liger on the planner grid's base (its bf16 copy), same steps."""
+def loss_kernel_rows(out: Path, base_dir: Path) -> list[dict]:
+    """Supervised logits vs liger on ``base_dir`` (the planner grid's bf16 base), same steps."""
     import importlib.util
 
     if importlib.util.find_spec("liger_kernel") is None:
         return [{"loss_kernel": "liger", "result": "not run: pip install 'ftkit[liger]'"}]
+    data = long_records(out / "long_records_4x.json", 4 * LOSS_KERNEL_STEPS)
     recipe = {
-        "model_name_or_path": str(out / "planner" / "base" / "bf16"),
+        "model_name_or_path": str(base_dir),
         "model_dtype": "bf16",
         "dataset": str(data),
         "validation_size": 0,
@@ -263,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         "planner": planner,
         "own_vs_peft_step_time": lora["ftkit"]["step_time_s"] / lora["peft"]["step_time_s"],
         "engines": engine_rows(out, Path(args.repo).resolve()),
-        "loss_kernel": loss_kernel_rows(out, long_records_for_loss_kernels(out)),
+        # the base the planner grid saved (ablation.prepare writes out/base/<dtype>)
+        "loss_kernel": loss_kernel_rows(out, out / "planner" / "base" / "bf16"),
     }
     results = Path(args.results_dir) / f"gpu-{device_slug(device)}"
     atomic_write_json(results / "gpu_check.json", figures)
