@@ -196,7 +196,7 @@ FORMAT_KEYS = {
 }
 DETECTION_WINDOW = 10  # records looked at by auto-detection
 
-# The template a tokenizer without one gets for chat data (see README "Data formats"): ChatML's
+# The template a tokenizer without one gets for chat data (docs/data.md, "Data formats"): ChatML's
 # layout with plain-text role markers, and the tokenizer's own EOS as the end-of-turn token, so no
 # token is added and generation stops where training taught it to. It is set on the tokenizer,
 # which the run saves (tokenizer_config.json / chat_template.jinja), so generation, evaluation and
@@ -433,7 +433,7 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     """Give a tokenizer without a chat template ``DEFAULT_CHAT_TEMPLATE`` (logged)."""
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-        logger.info("the tokenizer has no chat template: using ftkit's default (see README)")
+        logger.info("the tokenizer has no chat template: using ftkit's default (see docs/data.md)")
     return tokenizer
 
 

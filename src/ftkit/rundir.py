@@ -3,7 +3,7 @@
 Every training run has an *identity*: the recipe fields that change its result (model, data,
 adapter, schedule, seed), and their fingerprint. ``output_dir/ftkit_run.json`` (the run marker)
 holds that identity, the names of every artefact ftkit wrote there, and the identity of the
-held-out split. The rules (README, "What a run writes"):
+held-out split. The rules (docs/cli.md, "Output dir, checkpoints, merged dir"):
 
 * an output dir holding files ftkit did not write (no marker lists them) is refused, always;
 * a fresh run into a dir that holds another run (other fingerprint) is refused unless
