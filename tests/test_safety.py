@@ -525,7 +525,8 @@ MULTI_PROCESS = ("ddp", "deepspeed", "fsdp", "multi_gpu", "num_processes", "num_
 
 def test_documented_launch_commands_are_quiet():
     """Single-process commands use ``accelerate launch -q``; multi-process ones ``ftkit launch``
-    (``-q`` does not silence torchrun's failure report)."""
+    (``-q`` does not silence torchrun's failure report). The README, every ``docs/*.md`` page and
+    the recipe script's docstring are read."""
     from helpers import REPO
 
     makefile = (REPO / "Makefile").read_text()
@@ -533,12 +534,21 @@ def test_documented_launch_commands_are_quiet():
     ddp_target = makefile[makefile.index("\ntrain-ddp:") :].split("\n\n")[0]
     assert "$(PY) -m ftkit launch --output_dir" in ddp_target
     assert "-- --config_file accelerate_configs/ddp_2gpu_fp16.yaml" in ddp_target
-    for doc in (REPO / "README.md", REPO / "recipes" / "alpaca_lora.py"):
+    readme, recipe = REPO / "README.md", REPO / "recipes" / "alpaca_lora.py"
+    pages = sorted((REPO / "docs").glob("*.md"))
+    assert pages, "no docs/*.md pages"
+    shows_ftkit_launch = set()
+    for doc in (readme, recipe, *pages):
         lines = [line.strip() for line in doc.read_text().splitlines()]
         accelerate = [line for line in lines if line.startswith("accelerate launch")]
-        assert accelerate and all(c.startswith("accelerate launch -q ") for c in accelerate), doc
+        assert all(c.startswith("accelerate launch -q ") for c in accelerate), doc
         assert not [c for c in accelerate if any(word in c for word in MULTI_PROCESS)], doc
-        assert any(line.startswith("ftkit launch --config") for line in lines), doc
+        if doc in (readme, recipe):
+            assert accelerate, doc
+        if any(line.startswith("ftkit launch --config") for line in lines):
+            shows_ftkit_launch.add(doc)
+    assert readme in shows_ftkit_launch and recipe in shows_ftkit_launch
+    assert shows_ftkit_launch & set(pages), "no docs page shows `ftkit launch --config`"
 
 
 @pytest.mark.slow
