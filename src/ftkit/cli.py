@@ -124,7 +124,8 @@ class MergeOutputArgs:
 
 
 def merge(argv: list[str]) -> None:
-    from ftkit.adapters import AdapterArgs, merge_and_export
+    from ftkit.adapters import AdapterArgs
+    from ftkit.merge import merge_and_export
 
     parser = ArgParser((AdapterArgs, MergeOutputArgs), prog=_prog())
     adapter_args, output_args = parser.parse_args_into_dataclasses(argv)
