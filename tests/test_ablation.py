@@ -211,9 +211,7 @@ def test_filling_records_fill_max_length_or_fall_back_to_the_longest_common_leng
 def test_gpu_check_refuses_without_cuda_in_one_line():
     from helpers import run_python
 
-    done = run_python(
-        "import sys; from ftkit.cli import run_main; from ftkit.lab.gpucheck import main; sys.exit(run_main(main))"
-    )
+    done = run_python("import runpy; runpy.run_module('ftkit.lab.gpucheck', run_name='__main__')")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == (
         "ftkit error: gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); "

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
 from ftkit import adapters, lora
-from ftkit.adapters import AdapterArgs, attach_adapter, load_base, merge_and_export
+from ftkit.adapters import AdapterArgs, attach_adapter, load_base
 from ftkit.data import ADDED_PAD_TOKEN, ensure_pad_token
+from ftkit.merge import merge_and_export
 from ftkit.modeling import fit_embeddings, load_tokenizer
 from ftkit.train import Trainer
 

@@ -13,7 +13,7 @@ from test_formats import alpaca_records, messages_records, text_records
 from tiny_archs import save_tiny
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from ftkit.adapters import AdapterArgs, merge_and_export
+from ftkit.adapters import AdapterArgs
 from ftkit.data import DEFAULT_CHAT_TEMPLATE, run_data_format
 from ftkit.evaluate import EvalArgs, evaluate_before_after
 from ftkit.generate import (
@@ -24,6 +24,7 @@ from ftkit.generate import (
     load_prompts,
     render_prompts,
 )
+from ftkit.merge import merge_and_export
 from ftkit.train import Trainer
 
 OPTIONS = GenerationOptions(max_new_tokens=8)

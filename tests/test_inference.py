@@ -15,7 +15,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BloomForCausalLM, LlamaForCausalLM
 
 from ftkit.adapters import AdapterArgs, AdapterError, attach_adapter, load_base
-from ftkit.adapters import merge_and_export as merge_adapter
 from ftkit.cli import main as ftkit_main
 from ftkit.data import IGNORE_INDEX, tokenize_record
 from ftkit.errors import ConfigError, DataError
@@ -30,6 +29,7 @@ from ftkit.generate import (
     read_prompts_file,
 )
 from ftkit.lora import LoraMergeError
+from ftkit.merge import merge_and_export as merge_adapter
 from ftkit.modeling import load_tokenizer
 from ftkit.train import Trainer
 

@@ -45,6 +45,94 @@ def test_core_modules_never_import_the_lab():
     assert not {name: found for name, found in offenders.items() if found}
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _ftkit_imports(path: Path) -> set[str]:
+    """The ftkit modules ``path`` imports, at its top or inside a function alike.
+
+    ``from ftkit.config import X`` imports ``ftkit.config``; ``from ftkit import lora`` imports
+    ``ftkit.lora``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}:{node.lineno}: a relative import; ftkit's are absolute")
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.partition(".")[0] == "ftkit")
+        elif isinstance(node, ast.ImportFrom) and node.module.partition(".")[0] == "ftkit":
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    return {name: _ftkit_imports(path) - {name} for name, path in MODULES.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(name: str) -> None:
+        index[name] = low[name] = len(index)
+        stack.append(name)
+        for target in sorted(graph.get(name, ())):
+            if target not in index:
+                visit(target)
+                low[name] = min(low[name], low[target])
+            elif target in stack:
+                low[name] = min(low[name], index[target])
+        if low[name] == index[name]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == name:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    return circles
+
+
+def test_the_import_graph_finds_a_circle_when_there_is_one():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"d"}}
+    assert _circles(graph) == [["a", "b", "c"]]
+    assert _circles({**graph, "c": {"d"}}) == []
+
+
+def test_no_modules_import_each_other():
+    """Each concern has one direction: no module reaches back, even inside a function."""
+    graph = _import_graph()
+    assert "ftkit.adapters" in graph["ftkit.generate"]  # the graph is read
+    assert _circles(graph) == []
+
+
+def test_config_stands_on_the_ground_floor():
+    """The floor the other modules stand on imports none of them: the recipe's field
+    vocabularies (attention implementations, trackers, Hub repo ids) are its own."""
+    assert _ftkit_imports(PACKAGE / "config.py") <= {"ftkit.errors", "ftkit.io"}
+
+
+def test_the_lab_never_imports_the_cli():
+    """Lab scripts talk to the terminal through ftkit.console, as the ftkit command does."""
+    lab = {name: path for name, path in MODULES.items() if name.startswith("ftkit.lab.")}
+    assert "ftkit.lab.gpucheck" in lab
+    assert sorted(name for name, path in lab.items() if "ftkit.cli" in _ftkit_imports(path)) == []
+
+
 def test_no_module_builds_a_path_outside_the_package():
     """``Path(__file__).parents[2]`` and friends point into a checkout that an installed wheel
     does not have; package data is found beside the module instead."""

@@ -11,8 +11,9 @@ import pytest
 import torch
 from helpers import tiny_recipe, write_records
 
-from ftkit.adapters import AdapterArgs, merge_and_export
+from ftkit.adapters import AdapterArgs
 from ftkit.errors import ConfigError
+from ftkit.merge import merge_and_export
 from ftkit.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -23,13 +23,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ftkit.config import SDPA_VARLEN
 from ftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-SDPA_VARLEN = "sdpa_varlen"  # the recipe's name for it
 REGISTERED_NAME = "ftkit_sdpa_varlen"  # its name in transformers' attention registry
-ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", SDPA_VARLEN, "flash_attention_2")
 
 
 def _sequence_attention(query, key, value, dropout: float, scaling, sliding_window) -> torch.Tensor:

@@ -12,46 +12,16 @@ fast, before torch, peft or bitsandbytes load. Tracebacks are kept for bugs.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ftkit import quiet
 from ftkit.config import ArgParser
-from ftkit.errors import FtkitError
-from ftkit.launcher import report_error, run_launcher, split_launch_args
+from ftkit.console import run_main
+from ftkit.launcher import run_launcher, split_launch_args
 
 PROG = "ftkit"
-
-
-def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.ERROR,  # other ranks would repeat rank 0
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    quiet.quiet_accelerate_checkpoints()  # one ftkit line per checkpoint instead of seven
-    quiet.quiet_bitsandbytes(quantised=False)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()  # one progress bar per run: the training one
-    transformers.utils.logging.disable_progress_bar()
-
-
-def run_main(main: Callable[[], int | None]) -> int:
-    """Run ``main``; a user mistake (``FtkitError``) becomes one line on stderr and exit code 2."""
-    try:
-        setup_logging()
-        return main() or 0
-    except FtkitError as exc:
-        report_error(str(exc))
-        return 2
 
 
 # -- core commands --------------------------------------------------------------------------------
@@ -124,7 +94,8 @@ class MergeOutputArgs:
 
 
 def merge(argv: list[str]) -> None:
-    from ftkit.adapters import AdapterArgs, merge_and_export
+    from ftkit.adapters import AdapterArgs
+    from ftkit.merge import merge_and_export
 
     parser = ArgParser((AdapterArgs, MergeOutputArgs), prog=_prog())
     adapter_args, output_args = parser.parse_args_into_dataclasses(argv)

@@ -22,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from ftkit.errors import ConfigError
+from ftkit.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ ACCELERATE_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped recipes: tiny, llama2-7b, ...
 DEFAULT_RECIPE = "tiny"
+SDPA_VARLEN = "sdpa_varlen"  # the recipe's name for ftkit.attention's per-sequence SDPA
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", SDPA_VARLEN, "flash_attention_2")
+REPORT_TO_NONE, REPORT_TO_ALL = "none", "all"  # besides Accelerate's tracker names
 
 
 def torch_dtype(precision: str):
@@ -67,6 +71,50 @@ def _tristate(name: str, value) -> str:
     return text
 
 
+# Fields whose vocabulary is a library's: the library is imported only when the field is set.
+
+
+def supported_trackers() -> tuple[str, ...]:
+    """Accelerate's tracker names (``LoggerType`` without ``all``)."""
+    from accelerate.utils import LoggerType
+
+    return tuple(t.value for t in LoggerType if t is not LoggerType.ALL)
+
+
+def parse_report_to(value: str) -> list[str]:
+    """``none`` -> [], ``all`` -> ['all'], ``tensorboard,wandb`` -> both; unknown names fail."""
+    names = [name.strip().lower() for name in str(value).split(",") if name.strip()]
+    if names in ([], [REPORT_TO_NONE]):
+        return []
+    known = supported_trackers()
+    for name in names:
+        if name not in (REPORT_TO_ALL, *known):
+            raise ConfigError(
+                f"report_to={value!r}: unknown tracker {name!r}; use none, all or one of "
+                f"Accelerate's trackers: {', '.join(known)} (comma-separated for several)"
+            )
+    return list(dict.fromkeys(names))
+
+
+def check_hub_fields(push_to_hub: bool, hub_model_id: str | None) -> None:
+    """Recipe-level checks (no network, no environment; ``ftkit.hub.check_can_push`` does those)."""
+    if push_to_hub and not hub_model_id:
+        raise ConfigError(
+            "push_to_hub needs hub_model_id, the Hub repo to create or update "
+            "(e.g. --hub_model_id your-name/tiny-llama-lora)"
+        )
+    if hub_model_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(hub_model_id)
+        except HFValidationError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ConfigError(
+                f"hub_model_id={hub_model_id!r} is not a Hub repo id: {first}"
+            ) from err
+
+
 @dataclass
 class ModelConfig:
     """Which base model to load, and how to hold its frozen weights."""
@@ -94,8 +142,6 @@ class ModelConfig:
     )
 
     def __post_init__(self):
-        from ftkit.attention import ATTN_IMPLEMENTATIONS
-
         _require(
             self.model_dtype in PRECISIONS,
             f"model_dtype={self.model_dtype!r} is not one of {PRECISIONS}",
@@ -307,13 +353,9 @@ class TrainConfig:
         _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
         _require(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         _require(self.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
-        if self.report_to != "none":
-            from ftkit.tracking import parse_report_to  # imports accelerate: only when asked
-
-            parse_report_to(self.report_to)
+        if self.report_to != REPORT_TO_NONE:
+            parse_report_to(self.report_to)  # imports accelerate: only when asked
         if self.push_to_hub or self.hub_model_id:
-            from ftkit.hub import check_hub_fields
-
             check_hub_fields(self.push_to_hub, self.hub_model_id)
         _require(
             self.loss_kernel in ("none", "liger"),
@@ -517,6 +559,4 @@ RESOLVED_CONFIG_NAME = "resolved_config.yaml"  # written beside the adapter by e
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     """Write the resolved recipe; it parses back into the same Recipe."""
-    from ftkit.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+from ftkit.config import check_hub_fields
 from ftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -19,25 +20,6 @@ logger = logging.getLogger(__name__)
 # files of atomic writes.
 IGNORE_PATTERNS = ["checkpoints/**", ".*", "**/.*"]
 _TRUE = {"1", "on", "yes", "true"}
-
-
-def check_hub_fields(push_to_hub: bool, hub_model_id: str | None) -> None:
-    """Recipe-level checks (no network, no environment)."""
-    if push_to_hub and not hub_model_id:
-        raise ConfigError(
-            "push_to_hub needs hub_model_id, the Hub repo to create or update "
-            "(e.g. --hub_model_id your-name/tiny-llama-lora)"
-        )
-    if hub_model_id:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(hub_model_id)
-        except HFValidationError as err:
-            first = str(err).strip().splitlines()[0]
-            raise ConfigError(
-                f"hub_model_id={hub_model_id!r} is not a Hub repo id: {first}"
-            ) from err
 
 
 def hub_offline() -> bool:

@@ -11,7 +11,7 @@ Quantised bases: forward and training work, merging is refused (``LoraMergeError
 Dequantise -> merge -> requantise would add a second rounding error, so the merged model would no
 longer compute what was trained and ``unmerge`` could not restore the base. To export a merged
 model, load the base in full precision, load the saved adapter onto it
-(``ftkit.adapters``), then ``merge_lora`` / ``unload_lora`` there.
+(``ftkit.adapters``), then ``merge_lora`` / ``unload_lora`` there: ``ftkit.merge`` does so.
 
 BLOOM q/v-only (default for ``model_type == "bloom"``, ``bloom_qv_only=False`` for PEFT's
 whole-matrix LoRA): BLOOM fuses q, k and v in ``query_key_value`` with output rows laid out as

@@ -3,9 +3,10 @@
 Every ``logging_steps`` optimizer steps, and at the last one, one row goes to ``metrics.jsonl``,
 the progress bar and every tracker alike (HF Trainer's convention): the mean loss over the steps
 since the last row, the current learning rate, the last grad norm, tokens/s over the interval and
-the mean step time.  ``report_to`` is validated against Accelerate's own list of trackers; a
-tracker whose package is missing is one ``ConfigError`` line before the model loads (Accelerate
-itself would silently skip it).
+the mean step time.  ``report_to`` is validated with the recipe's other fields, against
+Accelerate's own list of trackers (``ftkit.config.parse_report_to``); a tracker whose package is
+missing is one ``ConfigError`` line before the model loads (Accelerate itself would silently skip
+it).
 """
 
 from __future__ import annotations
@@ -13,37 +14,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ftkit.config import REPORT_TO_ALL, parse_report_to
 from ftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-NONE, ALL = "none", "all"
 PROJECT_NAME = "ftkit"  # wandb/mlflow project; TensorBoard writes OUTPUT_DIR/ftkit/
 # ftkit ships extras for the trackers it documents; the others install under their own name.
 EXTRAS = {"tensorboard": "ftkit[tensorboard]", "wandb": "ftkit[wandb]", "mlflow": "ftkit[mlflow]"}
 PIP_NAMES = {"comet_ml": "comet-ml"}
-
-
-def supported_trackers() -> tuple[str, ...]:
-    """Accelerate's tracker names (``LoggerType`` without ``all``)."""
-    from accelerate.utils import LoggerType
-
-    return tuple(t.value for t in LoggerType if t is not LoggerType.ALL)
-
-
-def parse_report_to(value: str) -> list[str]:
-    """``none`` -> [], ``all`` -> ['all'], ``tensorboard,wandb`` -> both; unknown names fail."""
-    names = [name.strip().lower() for name in str(value).split(",") if name.strip()]
-    if names in ([], [NONE]):
-        return []
-    known = supported_trackers()
-    for name in names:
-        if name not in (ALL, *known):
-            raise ConfigError(
-                f"report_to={value!r}: unknown tracker {name!r}; use none, all or one of "
-                f"Accelerate's trackers: {', '.join(known)} (comma-separated for several)"
-            )
-    return list(dict.fromkeys(names))
 
 
 def check_installed(value: str) -> list[str]:
@@ -53,13 +32,13 @@ def check_installed(value: str) -> list[str]:
     names = parse_report_to(value)
     available = [str(t.value) for t in get_available_trackers()]
     for name in names:
-        if name != ALL and name not in available:
+        if name != REPORT_TO_ALL and name not in available:
             install = EXTRAS.get(name, PIP_NAMES.get(name, name))
             raise ConfigError(
                 f"report_to={name} needs the {name} package, which is not installed: "
                 f"pip install '{install}' (or set report_to none; metrics.jsonl is always written)"
             )
-    if names == [ALL] and not available:
+    if names == [REPORT_TO_ALL] and not available:
         logger.warning("report_to=all but no tracker is installed: metrics.jsonl only")
     return names
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ftkit.console import run_main
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_json, atomic_write_text
 from ftkit.lab.ablation import Grid, machine, run_grid
@@ -270,6 +271,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ftkit.cli import run_main
-
     sys.exit(run_main(main))

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftkit.console import run_main
 from ftkit.errors import FtkitError
 from ftkit.io import atomic_write_text
 from ftkit.lab.launch import (
@@ -461,7 +462,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FtkitError as err:
-        sys.exit(f"ftkit error: {err}")
+    sys.exit(run_main(lambda: main() and 0))  # the checks returned are for callers: exit 0

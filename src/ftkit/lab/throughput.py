@@ -21,6 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from ftkit.console import run_main
 from ftkit.io import atomic_write_text
 from ftkit.lab.launch import child_env, launch_recipe, recipe_flags, single_process_flags
 
@@ -301,4 +302,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(lambda: main() and 0))  # the table returned is for callers: exit 0
