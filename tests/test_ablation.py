@@ -24,15 +24,25 @@ from ftkit.lab.ablation import (
 )
 
 QUICK = "quick"  # the shipped grid
-# Planner total vs measured peak. 32k vocabulary (the loss phase dominates): every cell of
-# results/planner-cpu/ is within 2 % on this project's AMD EPYC host (three runs). The quick
-# grid's 640 vocabulary leaves the blocks dominant, and there the planner over-predicts by
+# Planner total vs measured peak. 32k vocabulary (the loss phase dominates): every held-out cell
+# of results/planner-cpu/ is within 2 % on this project's AMD EPYC host, up to 2.9 % in repeated
+# runs with newer library versions: that is the planner's own accuracy on one host. What else
+# moves a CPU peak from one x86-64 host to another is MKL's buffer cache: its fast memory manager
+# keeps the GEMM workspace of the code path it picks for the CPU, and the planner's runtime
+# constant was calibrated with this host's. Measured on the two PLANNER_CELLS below: turning the
+# cache off (MKL_DISABLE_FAST_MM=1) or taking MKL's compatible path (MKL_CBWR=COMPATIBLE) lowers
+# the peak by 7.0-7.5 MiB; an Intel Xeon (AVX-512) CI host read the first cell 7.5 MiB below this
+# host (+5.5 % planner error); torch's and oneDNN's own ISA choices (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2) move it by 1.2 MiB at most. So each cell is held to the planner's
+# accuracy plus one MKL cache either way, in bytes, not to a share of a peak it does not scale with.
+PLANNER_ACCURACY = 0.03
+MKL_BUFFER_CACHE = 8 * 2**20
+# The quick grid's 640 vocabulary leaves the blocks dominant, and there the planner over-predicts by
 # +4.0 to +15.8 % on that host (+1.2 % at most on the Xeon of results/ablation-cpu/): exact
 # live-tensor tracking puts one fp32 LoRA block's backward transient at ~12i + 8h bytes a token
 # where the planner counts 16i + 12h, so that bound stays loose until the block model is redone.
 # The bound is one-sided: under-prediction (what makes a user's run OOM) is held to 10 %;
 # over-prediction may reach 25 % (a fresh CI venv read +5 to +21 % here).
-VOCAB_32K_TOLERANCE = 0.05
 QUICK_UNDER, QUICK_OVER = -0.10, 0.25
 
 
@@ -268,8 +278,9 @@ def test_planner_predicts_real_vocabulary_cells(tmp_path, llama2_tokenizer_dir):
     for row in rows:
         assert row["planner_static_exact"], row["cell"]
         assert row["planner_peak_phase"] == "loss backward"
-        error = row["planner_error"]
-        assert abs(error) < VOCAB_32K_TOLERANCE, (row["cell"], error)
+        bound = PLANNER_ACCURACY * row["peak_bytes"] + MKL_BUFFER_CACHE
+        miss = row["planned_bytes"] - row["peak_bytes"]
+        assert abs(miss) < bound, (row["cell"], row["planner_error"], miss / 2**20)
 
 
 def test_gpu_check_report_renders_every_section():
