@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
 import pytest
 import yaml
-from helpers import accelerate_launch, tiny_recipe, write_records
+from helpers import REPO, tiny_recipe, write_records
 
 from ftkit import card, cli, embedded, tracking
 from ftkit.config import ConfigError, Recipe, parse_recipe
@@ -291,24 +293,89 @@ def our_deprecations_shown() -> str:
     return ",".join(["default::FutureWarning", *(f"default::DeprecationWarning:{m}" for m in ours)])
 
 
+def demo_command(*recipe_args: str) -> list[str]:
+    """The command ``make demo`` runs (``make -n``: printed, not run), with this interpreter and
+    ``recipe_args`` for RECIPE_ARGS."""
+    import shlex
+
+    printed = subprocess.run(
+        ["make", "-s", "-n", "demo", f"PY={sys.executable}", f"RECIPE_ARGS={shlex.join(recipe_args)}"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.replace("\\\n", " ")  # fmt: skip
+    (line,) = [line for line in printed.splitlines() if "accelerate.commands.launch" in line]
+    return shlex.split(line)
+
+
+# What the documented commands used to print on every CPU run, none of it about the run.
+NOISE = {
+    "Accelerate's defaults block": "were not passed to `accelerate launch`",
+    "DeepSpeed's accelerator detection": "Setting accelerator to CPU",
+    "the kernels trust check": "kernels",
+    "matplotlib's font cache": "font",
+}
+
+
 @pytest.mark.slow
-def test_recipe_console_is_quiet_one_line_per_checkpoint(tiny_llama_dir, records, tmp_path):
+def test_make_demo_console_is_quiet_one_line_per_checkpoint(tiny_llama_dir, records, tmp_path):
     out = tmp_path / "quiet"
-    done = accelerate_launch(
-        "--config_file", "accelerate_configs/cpu.yaml", "recipes/alpaca_lora.py",
+    command = demo_command(
         "--model_name_or_path", str(tiny_llama_dir), "--dataset", str(records),
         "--output_dir", str(out), "--max_steps", "4", "--save_steps", "2",
         "--validation_size", "4", "--max_length", "96",
-        PYTHONWARNINGS=our_deprecations_shown(),
     )  # fmt: skip
+    assert command[command.index("--config_file") + 1] == "accelerate_configs/cpu.yaml"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "PYTHONWARNINGS": our_deprecations_shown(),
+        "MPLCONFIGDIR": str(tmp_path / "matplotlib"),  # a first run: no font cache yet
+    }
+    done = subprocess.run(
+        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     console = done.stdout + done.stderr
+    assert (tmp_path / "matplotlib").is_dir()  # the loss curve did build matplotlib's cache
     saved = [line for line in console.splitlines() if "ftkit.checkpoint: checkpoint" in line]
     assert len(saved) == 2, saved
     for step in (2, 4):
         assert sum(f"checkpoint {step} saved to {out}/checkpoints/checkpoint-{step}" in s
                    for s in saved) == 1  # fmt: skip
     assert "Saving current state" not in console and "saved in" not in console
-    assert "kernels" not in console
+    for what, text in NOISE.items():
+        assert text not in console, what
     assert "FutureWarning" not in console and "DeprecationWarning" not in console
     assert (out / "README.md").is_file()
+
+
+@pytest.mark.parametrize("wanted", [False, True], ids=["unasked", "asked"])
+def test_noise_is_dropped_one_message_at_a_time_and_only_when_it_says_nothing(wanted):
+    """The kernels trust check is shown for a quantised base, DeepSpeed's detection for a DeepSpeed
+    run; every other message of those loggers always passes."""
+    from ftkit import quiet
+
+    class Seen(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    trust = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"
+    detection = "Setting accelerator to CPU. If you have GPU or other accelerator, ..."
+    quiet.quiet_bitsandbytes(quantised=wanted)
+    quiet.quiet_deepspeed_detection(uses_deepspeed=wanted)
+    try:
+        for name, text in ((quiet.KERNELS_HUB_LOGGER, trust), (quiet.DEEPSPEED_LOGGER, detection)):
+            logger, seen = logging.getLogger(name), Seen()  # DeepSpeed's does not propagate
+            logger.addHandler(seen)
+            try:
+                logger.warning(text)
+                logger.warning("something else")
+            finally:
+                logger.removeHandler(seen)
+            assert seen.messages == ([text] if wanted else []) + ["something else"], name
+    finally:
+        quiet.quiet_bitsandbytes(quantised=False)
+        quiet.quiet_deepspeed_detection(uses_deepspeed=False)

@@ -24,7 +24,8 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    # matplotlib logs an INFO line the first time it builds its font cache (the loss curve).
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet.quiet_accelerate_checkpoints()  # one ftkit line per checkpoint instead of seven
     quiet.quiet_bitsandbytes(quantised=False)

@@ -32,6 +32,7 @@ from ftkit import (
     checkpoint,
     engines,
     hub,
+    quiet,
     reporting,
     rundir,
     tracking,
@@ -92,6 +93,7 @@ def make_accelerator(ddp_timeout: int = 1800, **kwargs) -> Accelerator:
         requested_mixed_precision(), torch.cuda.is_available(), cuda_capability()
     )
     engine = engines.requested_engine()  # DeepSpeed/FSDP asked for by the accelerate config
+    quiet.quiet_deepspeed_detection(uses_deepspeed=engine == "deepspeed")
     accelerator = Accelerator(
         **engines.accelerator_kwargs(engine, torch.cuda.is_available(), ddp_timeout),
         mixed_precision=precision,
