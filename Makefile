@@ -1,15 +1,27 @@
 # ftkit — `make demo` trains the embedded default; `make test` runs the test suite.
-# Both create .venv and install what they need on first use.
+# Both create .venv and install the locked, CI-tested dependency set on first use.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The exact versions CI tested (`make lock` rewrites it), and the lower-bound set (`make lock-oldest`);
+# setup.cfg keeps ranges for `pip install ftkit` into another stack. See docs/dependencies.md.
+LOCK := requirements/lock.txt
+OLDEST := requirements/oldest.txt
+# Every extra the test suite exercises. The oldest set leaves out `bench` (TRL needs newer
+# transformers, accelerate and datasets than ftkit's lower bounds).
+EXTRAS := dev,quant,deepspeed,bench
+OLDEST_EXTRAS := dev,quant,deepspeed
 # -q: an ftkit error stays the last line on screen (no Accelerate traceback after it); with
 # several processes `ftkit launch` does the same for torchrun's failure report.
 ACCELERATE := $(PY) -m accelerate.commands.launch -q
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-# Without a GPU, install the CPU build of torch first (a bare `torch` pulls a multi-GB CUDA build).
-TORCH_CPU_SPEC ?= torch==2.13.0
+# Without a GPU, torch's CPU build goes in first (a bare `torch` pulls a multi-GB CUDA build), at
+# the lock's version; override with `make TORCH_CPU_SPEC=...`.
+TORCH_CPU_SPEC ?= $(shell sed -n 's/^\(torch==[^ ]*\).*/\1/p' $(LOCK))
+# CPU runs: name the thread count Accelerate would pick (one per core), so it does not print its
+# "values were not passed" block.
+CPU_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 # `make train-ddp` runs the 2-GPU DDP config; without GPUs the same two processes use CPU + gloo.
 DDP_CPU_FLAGS := $(if $(HAS_GPU),,--mixed_precision no)
 DDP_CPU_ENV := $(if $(HAS_GPU),,ACCELERATE_USE_CPU=true)
@@ -17,19 +29,24 @@ RECIPE_ARGS ?=
 
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
-.PHONY: install demo test test-fast train train-ddp lint format compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check clean
+.PHONY: install demo test test-fast test-oldest lock lock-oldest train train-ddp lint format \
+	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# pip, torch (CPU build without a GPU), then the project with every extra, all held to the lock;
+# the last step proves the venv is the lock (`installed exactly requirements/lock.txt: ...`).
+$(VENV)/.installed: setup.cfg pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(if $(HAS_GPU),,$(PY) -m pip install -q "$(TORCH_CPU_SPEC)")
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,quant,deepspeed]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(if $(HAS_GPU),,$(PY) -m pip install -q -c $(LOCK) "$(TORCH_CPU_SPEC)")
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	$(PY) scripts/lock.py check $(LOCK)
 	touch $@
 
 demo: install
-	$(ACCELERATE) --config_file accelerate_configs/cpu.yaml recipes/alpaca_lora.py $(RECIPE_ARGS)
+	$(ACCELERATE) --config_file accelerate_configs/cpu.yaml --num_cpu_threads_per_process $(CPU_THREADS) \
+		recipes/alpaca_lora.py $(RECIPE_ARGS)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -37,9 +54,55 @@ test: install
 test-fast: install  # the inner loop: everything but the subprocess/integration tests
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
+# The lower bounds: the fast suite and the peer benchmark's rows (HF Trainer + PEFT, the bare
+# loop) in a venv of exactly requirements/oldest.txt (CI runs it after `make test`).
+OLDEST_VENV := .venv-oldest
+PEER_SMOKE := tests/test_peers.py::test_ftkit_hf_trainer_and_bare_loop_train_identical_supervised_tokens
+test-oldest: $(OLDEST_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q $(PEER_SMOKE)
+
+$(OLDEST_VENV)/.installed: setup.cfg pyproject.toml $(OLDEST)
+	rm -rf $(OLDEST_VENV) && $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST) pip
+	DS_BUILD_OPS=0 $(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST) -e ".[$(OLDEST_EXTRAS)]"
+	$(OLDEST_VENV)/bin/python scripts/lock.py check $(OLDEST)
+	touch $@
+
+# The upgrade path, one deliberate commit: resolve the newest versions setup.cfg allows in a
+# fresh venv (torch stays $(TORCH_CPU_SPEC)), run the whole suite there, and only when it passes
+# rewrite requirements/lock.txt. Review `git diff requirements/`, then commit it.
+LOCK_VENV := .venv-lock
+# The locks' own tests compare the committed files with setup.cfg: they run after the freeze.
+LOCK_TESTS := tests/test_dependencies.py
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_CPU_SPEC)"
+	DS_BUILD_OPS=0 $(LOCK_VENV)/bin/python -m pip install -q --upgrade -e ".[$(EXTRAS)]"
+	HF_HUB_OFFLINE=1 $(LOCK_VENV)/bin/python -m pytest -q --ignore $(LOCK_TESTS)
+	$(LOCK_VENV)/bin/python scripts/lock.py freeze $(LOCK) \
+		--title "ftkit's locked dependency set: what \`make install\` installs and CI tests"
+	HF_HUB_OFFLINE=1 $(LOCK_VENV)/bin/python -m pytest -q $(LOCK_TESTS)
+
+# The same for the lower bounds: setup.cfg's >= bounds pinned (`scripts/lock.py lower-bounds`),
+# pip resolves the rest; rewritten when the fast suite and the peer rows pass.
+lock-oldest: install
+	rm -rf $(OLDEST_VENV) && $(PYTHON) -m venv $(OLDEST_VENV)
+	$(PY) scripts/lock.py lower-bounds > $(OLDEST_VENV)/lower-bounds.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(OLDEST_VENV)/bin/python -m pip install -q \
+		-c $(OLDEST_VENV)/lower-bounds.txt -e ".[$(OLDEST_EXTRAS)]"
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -m "not slow" --ignore $(LOCK_TESTS)
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q $(PEER_SMOKE)
+	$(OLDEST_VENV)/bin/python scripts/lock.py freeze $(OLDEST) \
+		--title "ftkit's lower-bound set: setup.cfg's >= bounds, tested by \`make test-oldest\`"
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q $(LOCK_TESTS)
+	touch $(OLDEST_VENV)/.installed
+
 train: install
-	$(ACCELERATE) --config_file accelerate_configs/$(if $(HAS_GPU),single_gpu_fp16,cpu).yaml \
-		recipes/alpaca_lora.py $(RECIPE_ARGS)
+	$(ACCELERATE) --config_file accelerate_configs/$(if $(HAS_GPU),single_gpu_fp16.yaml,cpu.yaml \
+		--num_cpu_threads_per_process $(CPU_THREADS)) recipes/alpaca_lora.py $(RECIPE_ARGS)
 
 train-ddp: install
 	$(DDP_CPU_ENV) $(PY) -m ftkit launch --output_dir outputs/tiny-llama-lora-ddp $(RECIPE_ARGS) \
@@ -60,11 +123,10 @@ bench-throughput: install  # padded vs grouped vs padding-free, full vs supervis
 		--output_dir outputs/throughput --results_dir results/throughput-cpu
 
 # ftkit vs TRL's SFTTrainer, HF Trainer + PEFT and a bare loop (issue 12); TRL comes from the
-# bench extra, never a core dependency. A quick smoke run:
+# bench extra (locked and installed with the others), never a core dependency. A quick smoke run:
 #   make bench-peers PEERS_ARGS="--steps 3 --rounds 1 --records 64 --hidden 128 --layers 2"
 PEERS_ARGS ?=
 bench-peers: install
-	$(PY) -m pip install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.peers --dataset $(SHARED_ALPACA) \
 		--tokenizer ../shared/fixtures/llama2-tokenizer \
 		--output_dir outputs/peers --results_dir results/peers-$(if $(HAS_GPU),gpu,cpu) $(PEERS_ARGS)
@@ -92,4 +154,4 @@ format: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache $(OLDEST_VENV) $(LOCK_VENV)

@@ -369,7 +369,9 @@ def test_accelerate_launch_trains_a_chat_file_with_no_other_flag(model_dirs, dat
     assert (tmp_path / "adapter_model.safetensors").is_file()
 
 
-def test_a_chat_run_computes_logits_only_at_assistant_tokens(model_dirs, data_files, tmp_path):
+def test_a_chat_run_computes_logits_only_at_assistant_tokens(
+    model_dirs, data_files, tmp_path, monkeypatch
+):
     """supervised_logits_only on a chat file: the head runs exactly at the positions whose target
     is an assistant token (byte tokenizer: one token per byte, plus <|im_end|>)."""
     recipe = tiny_recipe(
@@ -379,7 +381,13 @@ def test_a_chat_run_computes_logits_only_at_assistant_tokens(model_dirs, data_fi
     trainer = Trainer(recipe)
     core = trainer.accelerator.unwrap_model(trainer.model).get_base_model()
     seen = []
-    core.register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
+    forward = core.forward  # PEFT < 0.21 calls it directly, past any forward hook
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(core, "forward", recording)
     trainer.backward_window(next(trainer.windows()))
     (call,) = seen
     keep, row = call["logits_to_keep"], call["input_ids"][0]

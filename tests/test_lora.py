@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import (
-    BitsAndBytesConfig,
     BloomConfig,
     BloomForCausalLM,
     GPT2Config,
@@ -25,8 +24,9 @@ from transformers import (
 )
 
 from ftkit import adapters, lora
+from ftkit.config import ModelConfig
 from ftkit.meter import parameter_counts, trainable_parameters_line
-from ftkit.modeling import keep_4bit_weights_trainable
+from ftkit.modeling import keep_4bit_weights_trainable, quantization_config
 
 R, ALPHA, VOCAB, HIDDEN, LAYERS, HEADS = 4, 8, 64, 32, 2, 4
 SRC_DIR = Path(lora.__file__).resolve().parents[1]
@@ -493,11 +493,8 @@ def test_bloom_qv_only_leaves_k_untouched_and_round_trips(bloom, bloom_dir, ids,
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantised_base_trains_and_refuses_to_merge(llama_dir, ids, bits):
     pytest.importorskip("bitsandbytes")
-    quantization = (
-        BitsAndBytesConfig(load_in_8bit=True)
-        if bits == 8
-        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    )
+    # ftkit's own quantisation settings (NF4 + double quant for 4-bit): what a run loads
+    quantization = quantization_config(ModelConfig(**{f"load_in_{bits}bit": True}))
     model = LlamaForCausalLM.from_pretrained(
         llama_dir, quantization_config=quantization, device_map="cpu"
     )

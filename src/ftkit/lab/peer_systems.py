@@ -17,6 +17,7 @@ defers to the Trainer's own).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -131,9 +132,27 @@ def _schedule(spec: dict) -> dict:
         "report_to": "none",
         "bf16": False,  # TRL defaults to bf16 and gradient checkpointing; the workload is fp32,
         "fp16": False,
-        "activation_checkpointing": False,  # without GC, as ftkit's default
+        **_without_gradient_checkpointing(),  # and without GC, as ftkit's default
         "dataloader_num_workers": 0,
     }
+
+
+def _without_gradient_checkpointing() -> dict:
+    """GC off, under the name the installed TrainingArguments has as a field.
+
+    Newer transformers rename ``gradient_checkpointing`` to ``activation_checkpointing`` and keep
+    the old name as an alias that loses to a subclass default of the new one (TRL's SFTConfig
+    turns GC on): so the new name where it exists, the old one before it (5.17 has no other).
+    """
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in known
+        else "gradient_checkpointing"
+    )
+    return {name: False}
 
 
 def _lora_config(spec: dict):
