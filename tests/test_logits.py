@@ -143,12 +143,41 @@ def test_loss_kernel_liger_is_refused_on_cpu_with_one_line(capsys, monkeypatch, 
 # -- loss_kernel liger: the fused path, proven on CPU with a torch stand-in for liger's kernel ------
 
 
+class LigerLikeFusedLinearCrossEntropy(torch.autograd.Function):
+    """liger's fused linear cross-entropy as it behaves on a GPU, in torch.
+
+    Like liger's Triton kernel it is an autograd function that computes the loss and every
+    gradient in its forward (no logits kept for backward), multiplies in the dtypes it is given
+    with autocast off, and refuses a hidden state and a head of different dtypes, as liger's
+    matmul does ("expected mat1 and mat2 to have the same dtype"); the softmax runs in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, hidden, targets, bias):
+        if hidden.dtype != weight.dtype:
+            raise RuntimeError(
+                "expected mat1 and mat2 to have the same dtype, but got: "
+                f"{hidden.dtype} != {weight.dtype}"
+            )
+        with torch.autocast(hidden.device.type, enabled=False), torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (weight, hidden, bias) if t is not None]
+            logits = torch.nn.functional.linear(inputs[1], inputs[0], *inputs[2:]).float()
+            loss = torch.nn.functional.cross_entropy(
+                logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            grads = torch.autograd.grad(loss, inputs)
+        ctx.save_for_backward(*grads)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        weight, hidden, *bias = (g * grad_loss for g in ctx.saved_tensors)
+        return weight, hidden, None, bias[0] if bias else None
+
+
 def torch_fused_cross_entropy(weight, hidden, targets, bias):
-    """What liger's fused linear cross-entropy computes (in chunks, without keeping logits)."""
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    return torch.nn.functional.cross_entropy(
-        logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    """The kernel's call signature: (weight, hidden, targets, bias) -> summed loss."""
+    return LigerLikeFusedLinearCrossEntropy.apply(weight, hidden, targets, bias)
 
 
 def _prompt_masked_row(lengths, prompt=3, vocab=300):
@@ -218,6 +247,57 @@ def test_trainer_with_the_fused_kernel_equals_supervised_logits(
     throughput = json.loads((tmp_path / "run" / "metrics.json").read_text())["throughput"]
     assert throughput["logits_mode"] == "liger"
     assert 0 < throughput["logits_fraction"] < 1
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one mixed precision per process: start and leave this test with none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_under_bf16_mixed_precision_the_fused_kernel_gets_one_dtype(
+    tiny_llama_dir, records, tmp_path, monkeypatch, fresh_accelerate_state
+):
+    """`accelerate launch --mixed_precision bf16 --cpu` with a bf16 base: Accelerate returns the
+    hidden states in fp32 beside the bf16 head, which the kernel (like liger on the GPU) refuses;
+    the fused path hands it one dtype and equals supervised logits within bf16 rounding."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    common = dict(num_samples=4, per_device_train_batch_size=2, max_steps=2, padding_free="true")
+    common.update(model_dtype="bf16")
+    reference = window_results(tiny_recipe(tiny_llama_dir, records, tmp_path / "ref", **common))
+    monkeypatch.setattr("ftkit.train.check_loss_kernel", lambda kernel: None)
+    monkeypatch.setattr("ftkit.train.liger_cross_entropy", lambda: torch_fused_cross_entropy)
+    recipe = tiny_recipe(tiny_llama_dir, records, tmp_path / "fused", loss_kernel="liger", **common)
+    ((loss_a, grads_a),), ((loss_b, grads_b),) = reference, window_results(recipe)
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert abs(loss_a - loss_b) <= 1e-2 * abs(loss_a)  # bf16: 8 bits of mantissa
+    for name, grad in grads_a.items():
+        scale = float(grad.abs().max())
+        assert float((grads_b[name] - grad).abs().max()) <= 5e-2 * scale, name
+
+
+def test_under_fp16_autocast_the_fused_kernel_gets_one_dtype():
+    """fp16 as Accelerate runs it (autocast around the forward, outputs upcast to fp32), where
+    the CPU allows it: the function, not a launch (Accelerate takes fp16 on CUDA only)."""
+    from accelerate.utils import convert_outputs_to_fp32
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config("llama")).to(torch.float16).eval()
+    model.forward = convert_outputs_to_fp32(
+        torch.autocast("cpu", dtype=torch.float16)(model.forward)
+    )
+    batch = _prompt_masked_row((7, 9, 6))
+    n = metrics.supervised_tokens(batch)
+    reference = float(metrics.supervised_logits_loss(model, batch, n).loss)
+    fused = float(metrics.fused_head_loss(model, batch, n, torch_fused_cross_entropy).loss)
+    assert abs(fused - reference) <= 1e-2 * abs(reference)
 
 
 @pytest.mark.parametrize(

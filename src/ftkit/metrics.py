@@ -34,10 +34,11 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
 
 
-def logits_positions(batch) -> int:
-    """How many logit rows the supervised-logits path computes for ``batch``."""
+def logits_positions(batch) -> torch.Tensor:
+    """How many logit rows the supervised-logits path computes for ``batch`` (a tensor where the
+    batch is: counted without reading it back)."""
     labels = batch["labels"]
-    return labels.shape[0] * int(supervised_positions(labels).numel())
+    return labels.shape[0] * (labels[:, 1:] != IGNORE_INDEX).any(dim=0).sum()
 
 
 def _core_model(model):
@@ -197,8 +198,12 @@ def fused_head_loss(model, batch, num_items: torch.Tensor, kernel) -> LossOutput
     """
     inputs, keep, targets = _split_at_supervised(batch)
     out = model(**inputs, use_cache=False, logits_to_keep=keep[:0], output_hidden_states=True)
-    hidden = out.hidden_states[-1][:, keep].flatten(0, 1)
     head = _core_model(model).get_output_embeddings()
+    # Under mixed precision Accelerate hands the outputs back in fp32, and the kernel runs here,
+    # outside the forward's autocast region: it multiplies in the dtype it is given and refuses
+    # two (fp32 hidden states x a bf16 head). The head's own dtype is what lm_head computes in;
+    # a hidden state that was half precision before the upcast comes back unchanged.
+    hidden = out.hidden_states[-1][:, keep].flatten(0, 1).to(head.weight.dtype)
     loss_sum = kernel(head.weight, hidden, targets.flatten(), head.bias)
     return LossOutput(loss_sum / num_items)
 
