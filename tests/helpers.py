@@ -116,3 +116,44 @@ def kill_launch(launch: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             proc.send_signal(sig)
     if sig == signal.SIGKILL:
         launch.wait(timeout=30)
+
+
+class HostReads:
+    """Counts what would each be a host sync on a GPU, on any device: tensor values read by
+    Python (``item``/``float``/``int``/``bool``, ``tolist``) and ops whose output size depends on
+    the data (``nonzero``, ``equal``). ``ignore``: tensors that stay on the host on a GPU too
+    (torch's AdamW step counters), whose reads cost nothing there."""
+
+    OPS = ("aten._local_scalar_dense.default", "aten.nonzero.default", "aten.equal.default")
+
+    def __init__(self, ignore=()):
+        self.ignore = {id(t) for t in ignore}
+        self.count = 0
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        reads = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if str(func) in reads.OPS and not (args and id(args[0]) in reads.ignore):
+                    reads.count += 1
+                return func(*args, **(kwargs or {}))
+
+        tolist = torch.Tensor.tolist
+
+        def counted_tolist(tensor):  # not a dispatched op on the CPU
+            reads.count += 1
+            return tolist(tensor)
+
+        self._restore = lambda: setattr(torch.Tensor, "tolist", tolist)
+        torch.Tensor.tolist = counted_tolist
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._restore()

@@ -256,3 +256,38 @@ def test_steps_the_grad_scaler_skips_are_counted_and_hold_the_schedule(
     assert metrics["optimizer_steps_skipped"] == 2
     assert trainer.scheduler.last_epoch == 2  # the schedule advanced on the 2 real updates only
     assert trainer.progress.state_dict()["skipped_steps"] == 2  # saved with every checkpoint
+
+
+def _step_reads(model_dir, records, out, **overrides) -> int:
+    """Host reads (each a sync on a GPU) in one optimizer step, after a first one."""
+    from helpers import HostReads
+
+    trainer = Trainer(tiny_recipe(model_dir, records, out, max_steps=3, **overrides))
+    windows = trainer.windows()
+    trainer.train_step(next(windows))  # AdamW's state exists from here on
+    counters = [state["step"] for state in trainer.optimizer.state.values()]
+    window = next(windows)  # batches are made on the host; what the step reads back counts
+    with HostReads(ignore=counters) as reads:  # torch keeps these on the host on a GPU too
+        trainer.train_step(window)
+    return reads.count
+
+
+@pytest.mark.parametrize("padding_free", ["true", "false"])
+def test_a_step_reads_the_device_a_fixed_number_of_times(
+    tiny_llama_dir, records, tmp_path, padding_free
+):
+    """Not per layer, not per sequence: per step the loss, grad norm and token count in one read,
+    and per micro-batch the supervised positions and transformers' own mask preparation."""
+    from conftest import _save_tiny, tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    deep = _save_tiny(LlamaForCausalLM, tiny_llama_config(num_hidden_layers=6), tmp_path / "deep")
+    common = dict(padding_free=padding_free, per_device_train_batch_size=2)
+    shallow_2 = _step_reads(tiny_llama_dir, records, tmp_path / "a", **common)
+    deep_2 = _step_reads(deep, records, tmp_path / "b", **common)
+    common["per_device_train_batch_size"] = 4  # twice the sequences in each micro-batch
+    shallow_4 = _step_reads(tiny_llama_dir, records, tmp_path / "c", **common)
+    ga_2 = _step_reads(tiny_llama_dir, records, tmp_path / "d", **common,
+                       gradient_accumulation_steps=2)  # fmt: skip
+    assert shallow_2 == deep_2 == shallow_4
+    assert ga_2 - shallow_4 == shallow_4 - 1  # one more micro-batch: its reads, not the step's

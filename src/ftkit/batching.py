@@ -190,26 +190,28 @@ class TokenCounts:
         self.logits_positions = logits_positions  # batch -> positions whose logits are computed
         # full, supervised, or the fused loss kernel (logits computed in chunks, never kept)
         self.logits_mode = logits_mode or ("full" if logits_positions is None else "supervised")
-        self.real = self.computed = self.supervised = self.logits = 0
+        # Summed where the batches are, read once by figures(): a read per step would be a host
+        # sync per step on a GPU. Order: real, computed, supervised, logit positions.
+        self.counts: torch.Tensor | None = None
         self.step_time_s = 0.0
 
     def add(self, window, step_time_s: float) -> None:
         for batch in window:
-            self.real += int(real_tokens(batch))
-            self.computed += computed_tokens(batch)
-            self.supervised += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            positions = self.logits_positions(batch) if self.logits_positions else None
-            self.logits += computed_tokens(batch) if positions is None else positions
+            computed = computed_tokens(batch)
+            positions = self.logits_positions(batch) if self.logits_positions else computed
+            supervised = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+            row = torch.stack(
+                [torch.as_tensor(x, device=supervised.device).double()
+                 for x in (real_tokens(batch), computed, supervised, positions)]
+            )  # fmt: skip
+            self.counts = row if self.counts is None else self.counts + row
         self.step_time_s += step_time_s
 
     def figures(self, accelerator) -> dict:
         """Summed over processes (a collective: every process calls it)."""
-        counts = torch.tensor(
-            [self.real, self.computed, self.supervised, self.logits],
-            dtype=torch.float64,
-            device=accelerator.device,
-        )
-        real, computed, supervised, logits = (float(x) for x in accelerator.reduce(counts, "sum"))
+        counts = torch.zeros(4, dtype=torch.float64) if self.counts is None else self.counts
+        counts = accelerator.reduce(counts.to(accelerator.device), "sum")
+        real, computed, supervised, logits = counts.tolist()
         seconds = self.step_time_s
         return {
             "batching": self.mode,

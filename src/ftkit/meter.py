@@ -129,13 +129,16 @@ class PeakMemory:
 
     ``reserved`` is the CUDA caching allocator's peak (None on CPU).  ``exact`` is False when a
     CPU high-water mark never rose above the one the process already had at start, so ``peak``
-    is only an upper bound (see :class:`PeakMemoryMeter`).
+    is only an upper bound (see :class:`PeakMemoryMeter`).  ``device_used`` is what the GPU
+    itself reports in use now minus at start (NVML): the process's whole footprint, CUDA context,
+    library workspaces and everything the caching allocator holds (None on CPU or without NVML).
     """
 
     device: str
     peak: int
     reserved: int | None
     exact: bool
+    device_used: int | None = None
 
     def split(self, tensors: MemoryBreakdown) -> MeasuredMemory:
         """Activations = peak - params - grads - optimizer, clamped at 0.
@@ -240,9 +243,11 @@ class PeakMemoryMeter:
         self.pinned = False  # CPU: glibc's mmap threshold was pinned at start
         self.mark_reset = False  # CPU: the kernel's high-water mark was reset at start
         self._start: tuple[int, int] | None = None
+        self._device_start: int | None = None
 
     def start(self) -> PeakMemoryMeter:
         if self.device.type == "cuda":
+            self._device_start = _device_used(self.device)  # before this process's CUDA context
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = (
@@ -294,11 +299,15 @@ class PeakMemoryMeter:
         base, base2 = self._start
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            used = _device_used(self.device)
             return PeakMemory(
                 device=str(self.device),
                 peak=torch.cuda.max_memory_allocated(self.device) - base,
                 reserved=torch.cuda.max_memory_reserved(self.device) - base2,
                 exact=True,
+                device_used=None
+                if None in (used, self._device_start)
+                else used - self._device_start,
             )
         resident = _resident_bytes() if self.mark_reset else None
         if resident:
@@ -307,6 +316,16 @@ class PeakMemoryMeter:
             return PeakMemory(device="cpu", peak=max(peak, 0), reserved=None, exact=True)
         hwm = _ru_maxrss_bytes()
         return PeakMemory(device="cpu", peak=max(hwm - base, 0), reserved=None, exact=hwm > base2)
+
+
+def _device_used(device: torch.device) -> int | None:
+    """Bytes in use on the GPU as NVML reports them (every process's; without creating a CUDA
+    context), or None where NVML (the nvidia-ml-py package) is not available."""
+    index = device.index if device.index is not None else 0
+    try:
+        return int(torch.cuda.device_memory_used(index))
+    except Exception:  # no pynvml, an NVML error (its own class), a torch without the call
+        return None
 
 
 def _ru_maxrss_bytes() -> int:

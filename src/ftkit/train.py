@@ -168,6 +168,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.base_path)
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         attention.resolve(recipe.model.attn_implementation, self.padding_free)  # before loading
+        attention.reset_kernels_used()
         with self.accelerator.main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
@@ -350,27 +351,48 @@ class Trainer:
             return supervised_logits_loss(self.model, batch, window_tokens)
         return self.model(**batch, use_cache=False, num_items_in_batch=window_tokens)
 
-    def optimizer_step(self) -> float | None:
-        grad_norm = None
-        if self.recipe.train.max_grad_norm > 0:
-            # Under DeepSpeed the engine clipped in its step; this returns its pre-clip norm.
-            grad_norm = self.accelerator.clip_grad_norm_(
-                engines.clip_parameters(self.accelerator, self.model, self.trainable),
-                self.recipe.train.max_grad_norm,
-            )
+    def clip_gradients(self) -> torch.Tensor | None:
+        """The pre-clip gradient norm (a tensor: not read here), gradients clipped in place."""
+        if self.recipe.train.max_grad_norm <= 0:
+            return None
+        # Under DeepSpeed the engine clipped in its step; this returns its pre-clip norm.
+        return self.accelerator.clip_grad_norm_(
+            engines.clip_parameters(self.accelerator, self.model, self.trainable),
+            self.recipe.train.max_grad_norm,
+        )
+
+    def apply_update(self) -> None:
+        """The optimizer and scheduler step on the (clipped) gradients, which are then freed."""
         self.optimizer.step()
         if self.accelerator.optimizer_step_was_skipped:
             self.progress.skipped_steps += 1
         else:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return None if grad_norm is None else float(grad_norm)
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Clip, then update: one optimizer step on the window's gradients; returns the norm."""
+        grad_norm = self.clip_gradients()
+        self.apply_update()
+        return grad_norm
 
     def train_step(self, window) -> dict:
-        """One optimizer step over ``window``; a non-finite loss stops before touching weights."""
+        """One optimizer step over ``window``; a non-finite loss stops before touching weights.
+
+        The step reads the device once: the loss (which decides whether the weights may change),
+        the gradient norm and the real-token count together, in one transfer. On a GPU every
+        read is a host sync; a read per figure would be three per step.
+        """
         acc = self.accelerator
         step_start = time.perf_counter()
-        loss = float(self.backward_window(window))
+        window_loss = self.backward_window(window)
+        grad_norm = self.clip_gradients()
+        real = acc.reduce(sum(batching.real_tokens(b) for b in window), "sum")
+        figures = [window_loss, real] + ([] if grad_norm is None else [grad_norm])
+        # (DeepSpeed's engine hands back its gradient norm as a Python float: as_tensor takes both)
+        loss, real_tokens, *norm = torch.stack(
+            [torch.as_tensor(x, dtype=torch.float64, device=window_loss.device) for x in figures]
+        ).tolist()
         step = self.progress.step + 1
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -380,16 +402,15 @@ class Trainer:
                 "(lower learning_rate, or use bf16 instead of fp16)"
             )
         lr = self.scheduler.get_last_lr()[0]
-        grad_norm = self.optimizer_step()
+        self.apply_update()
         self.progress.advance(len(window))
-        real_tokens = float(acc.reduce(sum(batching.real_tokens(b) for b in window), "sum"))
         elapsed = time.perf_counter() - step_start
         self.token_counts.add(window, elapsed)
         return {
             "step": step,
             "loss": loss,
             "lr": lr,
-            "grad_norm": grad_norm,
+            "grad_norm": norm[0] if norm else None,
             "tokens_per_s": real_tokens / elapsed,
             "step_time_s": elapsed,
             "tokens": real_tokens,
@@ -525,6 +546,7 @@ class Trainer:
             "activations_bytes": split.activations,
             "peak_bytes": split.peak,
             "reserved_bytes": peak.reserved,
+            "device_used_bytes": peak.device_used,  # CUDA: the whole process, as NVML sees it
             "peak_kind": self.memory.kind,
         }
 
@@ -543,6 +565,8 @@ class Trainer:
             "gradient_accumulation_steps": self.recipe.train.gradient_accumulation_steps,
             "gradient_checkpointing": self.recipe.model.gradient_checkpointing,
             "attn_implementation": self.attn_implementation,
+            # what sdpa_varlen ran padding-free rows on (torch's varlen kernel or per sequence)
+            "attn_kernels": attention.kernels_used(),
             "lora_impl": self.recipe.adapter.lora_impl,
             "quantization": quant,
             "world_size": self.accelerator.num_processes,
