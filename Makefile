@@ -30,7 +30,8 @@ RECIPE_ARGS ?=
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
 .PHONY: install demo test test-fast test-oldest lock lock-oldest train train-ddp lint format \
-	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check clean
+	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check \
+	device-files clean
 
 install: $(VENV)/.installed
 
@@ -142,8 +143,29 @@ planner-grid: install  # the planner vs measured peaks at a 32k vocabulary: resu
 estimate: install
 	$(PY) -m ftkit estimate --paper
 
-gpu-check: install  # CUDA only (a few minutes): fp16/bf16, CUDA peak vs planner, FSDP2/ZeRO-3, own vs PEFT
-	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.gpucheck --output_dir outputs/gpu-check --results_dir results
+# CUDA only, ~6 min on an H200, every section in its own process under its own time limit:
+# precision, memory (7B shape vs the planner), throughput (vs peers, bf16), liger, qlora, engines.
+#   make gpu-check GPU_CHECK_ARGS="--sections precision,memory"   (--dry_run: toy size on CPU)
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.gpucheck --output_dir outputs/gpu-check --results_dir results \
+		--dataset $(SHARED_ALPACA) --tokenizer ../shared/fixtures/llama2-tokenizer $(GPU_CHECK_ARGS)
+
+# For scripts/device_gpu_check.sh on a lent GPU machine (docs/gpu-check.md): the packages its
+# image lacks as Python 3.12 x86-64 wheels at the lock's versions (.whl/), and the shared records
+# and tokenizer (.gpudata/); both folders are ignored by git and travel in the run's `carry`.
+locked = $(shell sed -n 's/^\($(1)==[^ ]*\).*/\1/p' $(LOCK))
+WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+device-files: install
+	mkdir -p .whl/alt .gpudata
+	$(PY) -m pip download -q $(WHEEL_FLAGS) -d .whl $(call locked,bitsandbytes) \
+		$(call locked,datasets) $(call locked,dill) $(call locked,multiprocess) $(call locked,trl) \
+		liger-kernel==0.8.5 hjson==3.1.0 annotated-types==0.8.0 pydantic==2.10.6 pydantic-core==2.27.2
+	$(PY) -m pip download -q $(WHEEL_FLAGS) -d .whl/alt datasets==4.5.0 dill==0.4.0 multiprocess==0.70.18
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl $(call locked,deepspeed)
+	cp $(SHARED_ALPACA) .gpudata/ && cp -r ../shared/fixtures/llama2-tokenizer .gpudata/
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -168,7 +168,7 @@ def test_grid_files_load_and_bad_grids_fail_clearly(tmp_path):
     from ftkit.lab.ablation import GRIDS_DIR
 
     shipped = sorted(path.stem for path in GRIDS_DIR.glob("*.yaml"))
-    assert {"full", "quick", "bench", "gpu", "planner-32k"} <= set(shipped)
+    assert {"full", "quick", "bench", "planner-32k"} <= set(shipped)
     for name in shipped:
         grid = Grid.load(name)
         assert len(set(grid.cells)) == len(grid.cells)
@@ -218,41 +218,6 @@ def test_filling_records_fill_max_length_or_fall_back_to_the_longest_common_leng
     assert len(chosen) == 8 and 40 < seq < 4096
 
 
-def test_gpu_check_refuses_without_cuda_in_one_line():
-    from helpers import run_python
-
-    done = run_python("import runpy; runpy.run_module('ftkit.lab.gpucheck', run_name='__main__')")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        "ftkit error: gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here); "
-        "the CPU checks are `make test`"
-    )
-
-
-def test_gpu_check_grid_is_the_issue_s_workload(tmp_path):
-    from transformers import LlamaConfig
-
-    from ftkit.lab.ablation import EMBEDDED_TOKENIZER, filling_records
-    from ftkit.lab.gpucheck import device_slug, long_records
-    from ftkit.lab.planner import estimate
-    from ftkit.modeling import load_tokenizer
-
-    grid = Grid.load("gpu")
-    assert grid.max_length == 512 and {c.precision for c in grid.cells} == {"bf16"}
-    assert {(c.micro_batch, c.lora, c.gc) for c in grid.cells} == {
-        (1, "peft", False),
-        (1, "peft", True),
-        (1, "ftkit", False),
-    }
-    params = estimate(LlamaConfig(**grid.model), None).params // 2  # bf16 base: 2 bytes each
-    assert 0.5e9 <= params <= 1.0e9, params
-    assert device_slug("NVIDIA H200") == "nvidia-h200"
-    records = json.loads(long_records(tmp_path / "long.json", grid.records_needed).read_text())
-    tokenizer = load_tokenizer(str(EMBEDDED_TOKENIZER))
-    chosen, seq_len = filling_records(records, tokenizer, 512, grid.records_needed)
-    assert seq_len == 512 and len(chosen) == grid.records_needed  # every micro-batch is 1 x 512
-
-
 def test_synthetic_records_give_every_micro_batch_the_same_supervised_positions(
     llama2_tokenizer,
 ):
@@ -281,37 +246,3 @@ def test_planner_predicts_real_vocabulary_cells(tmp_path, llama2_tokenizer_dir):
         bound = PLANNER_ACCURACY * row["peak_bytes"] + MKL_BUFFER_CACHE
         miss = row["planned_bytes"] - row["peak_bytes"]
         assert abs(miss) < bound, (row["cell"], row["planner_error"], miss / 2**20)
-
-
-def test_gpu_check_report_renders_every_section():
-    """The report code runs only on a GPU: render it here from figures of the recorded shape."""
-    from ftkit.lab.gpucheck import report
-
-    gib = 2**30
-    figures = {
-        "machine": "test machine",
-        "precision": [
-            {"precision": "fp16", "steps": 30, "optimizer_steps_skipped": 2,
-             "eval_loss_before": 6.1, "eval_loss": 5.2, "step_time_s": 0.05, "peak_bytes": gib},
-            {"precision": "bf16", "result": "not supported by this GPU"},
-        ],
-        "planner": [
-            {"cell": "1x1-bf16-peft-nogc", "peak_bytes": 3 * gib, "reserved_bytes": 4 * gib,
-             "planned_bytes": 3.1 * gib, "planner_error": 0.03, "step_time_s": 0.2},
-        ],
-        "own_vs_peft_step_time": 1.02,
-        "engines": [
-            {"engine": "FSDP2", "config": "accelerate_configs/fsdp2.yaml",
-             "adapter_relative_difference": 1e-6, "agrees": True, "step_time_s": 0.1},
-        ],
-        "loss_kernel": [
-            {"loss_kernel": "none", "logits_mode": "supervised", "peak_bytes": 5 * gib,
-             "reserved_bytes": 6 * gib, "step_time_s": 0.3, "first_loss": 10.4},
-            {"loss_kernel": "liger", "logits_mode": "liger", "peak_bytes": 4 * gib,
-             "reserved_bytes": 5 * gib, "step_time_s": 0.28, "first_loss": 10.41, "agrees": True},
-        ],
-    }  # fmt: skip
-    text = report("NVIDIA H200", figures)
-    assert "| liger | liger | 4.00 GiB | 5.00 GiB | 280.0 ms | 10.4100 (agrees) |" in text
-    figures["loss_kernel"] = [{"loss_kernel": "liger", "result": "not run: pip install"}]
-    assert "| liger | not run: pip install |" in report("NVIDIA H200", figures)

@@ -310,7 +310,7 @@ def demo_command(*recipe_args: str) -> list[str]:
 NOISE = {
     "Accelerate's defaults block": "were not passed to `accelerate launch`",
     "DeepSpeed's accelerator detection": "Setting accelerator to CPU",
-    "the kernels trust check": "kernels",
+    "the kernels trust check": "publisher trust check",
     "matplotlib's font cache": "font",
 }
 

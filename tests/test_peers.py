@@ -95,12 +95,13 @@ def test_the_bare_loop_gets_exactly_ftkits_batches(tiny_llama_dir, records, tmp_
                 assert same, (epoch, key)
 
 
-def _run_harness(tmp_path, monkeypatch, alpaca_path, systems):
+def _run_harness(tmp_path, monkeypatch, alpaca_path, systems, precision="fp32"):
     monkeypatch.setenv("PYTHONPATH", str(REPO / "src"))  # the children import this checkout
     argv = ["--dataset", str(alpaca_path), "--tokenizer", str(LLAMA2_TOKENIZER)]
     argv += ["--output_dir", str(tmp_path / "out"), "--results_dir", str(tmp_path / "results")]
     argv += ["--steps", "2", "--rounds", "1", "--records", "24", "--hidden", "32"]
     argv += ["--layers", "1", "--max_length", "256", "--threads", "1", "--systems", *systems]
+    argv += ["--precision", precision]
     checks = {c["system"]: c for c in peers.main(argv)}
     assert (tmp_path / "results" / "peers.md").is_file()
     assert (tmp_path / "results" / "peers.json").is_file()
@@ -111,7 +112,11 @@ def _run_harness(tmp_path, monkeypatch, alpaca_path, systems):
 def test_ftkit_hf_trainer_and_bare_loop_train_identical_supervised_tokens(
     tmp_path, monkeypatch, alpaca_path
 ):
-    checks = _run_harness(tmp_path, monkeypatch, alpaca_path, ["ftkit", "hf", "bare"])
+    """In bf16 (every system's base in bf16 under autocast, as on a GPU; CPU autocast takes it):
+    the fp32 path runs in the gpu-check dry run."""
+    checks = _run_harness(tmp_path, monkeypatch, alpaca_path, ["ftkit", "hf", "bare"], "bf16")
+    report = (tmp_path / "results" / "peers.md").read_text()
+    assert "LoRA r 8 on q/v, dropout 0, bf16" in report
     assert checks["bare"]["relative_difference"] == 0  # ftkit train's total, from its metrics
     assert checks["hf"]["relative_difference"] == 0
     assert checks["hf"]["worst_step_difference"] == 0  # step by step
@@ -121,7 +126,7 @@ def test_ftkit_hf_trainer_and_bare_loop_train_identical_supervised_tokens(
 @pytest.mark.slow
 def test_trl_rows_run_and_are_counted(tmp_path, monkeypatch, alpaca_path):
     pytest.importorskip("trl")
-    systems = ["ftkit", "trl", "trl-padding-free", "trl-packing", "bare"]
+    systems = ["ftkit", "trl", "trl-padding-free", "trl-packing"]  # ftkit: the reference
     checks = _run_harness(tmp_path, monkeypatch, alpaca_path, systems)
     for key in ("trl", "trl-padding-free"):  # the same records; TRL's own tokenisation
         assert abs(checks[key]["relative_difference"]) < 0.02, checks[key]

@@ -130,8 +130,11 @@ def _schedule(spec: dict) -> dict:
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
-        "bf16": False,  # TRL defaults to bf16 and gradient checkpointing; the workload is fp32,
+        # TRL defaults to bf16 and gradient checkpointing: the workload's precision, every
+        # system the same (fp32, or bf16 autocast over a bf16 base with fp32 adapters)
+        "bf16": spec.get("precision") == "bf16",
         "fp16": False,
+        "use_cpu": not torch.cuda.is_available(),  # what a CPU user sets (bf16 refuses without)
         **_without_gradient_checkpointing(),  # and without GC, as ftkit's default
         "dataloader_num_workers": 0,
     }
@@ -168,10 +171,11 @@ def _lora_config(spec: dict):
     )
 
 
-def _base_model(model_dir: str):
+def _base_model(spec: dict):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    dtype = torch.bfloat16 if spec.get("precision") == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
 
 
 def _ftkit_recipe(spec: dict):
@@ -197,7 +201,7 @@ def run_hf(spec: dict, group_by_length: bool) -> dict:
     data = build_datasets(recipe.data, tokenizer, recipe.train.seed)
     strategy = "group_by_length" if group_by_length else "random"
     args = TrainingArguments(**_schedule(spec), train_sampling_strategy=strategy)
-    model = get_peft_model(_base_model(spec["model_dir"]), _lora_config(spec))
+    model = get_peft_model(_base_model(spec), _lora_config(spec))
     steps = recipe.train.max_steps
     clock = _clock_callback(steps)
     trainer = _counting(Trainer)(
@@ -250,7 +254,7 @@ def run_trl(spec: dict, padding_free: bool, packing: bool) -> dict:
     steps = recipe.train.max_steps
     clock = _clock_callback(steps)
     trainer = _counting(SFTTrainer)(
-        model=_base_model(spec["model_dir"]),
+        model=_base_model(spec),
         args=config,
         train_dataset=Dataset.from_list(prompt_completion_records(spec)),
         processing_class=AutoTokenizer.from_pretrained(spec["model_dir"]),
@@ -329,6 +333,8 @@ def run_bare(spec: dict) -> dict:
         num_training_steps=cfg.max_steps,
     )
     supervised_logits = use_supervised_logits(cfg.supervised_logits_only, model)
+    bf16 = spec.get("precision") == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     rows, loss = [], None
     start = time.perf_counter()
     for epoch in range(math.ceil(cfg.max_steps / len(loader))):
@@ -337,10 +343,11 @@ def run_bare(spec: dict) -> dict:
             batch = send_to_device(batch, device)  # max_length_q/k are ints
             began = time.perf_counter()
             tokens = supervised_tokens(batch)
-            if supervised_logits:
-                out = supervised_logits_loss(model, batch, tokens)
-            else:
-                out = model(**batch, use_cache=False, num_items_in_batch=tokens)
+            with autocast:  # as Accelerate wraps ftkit's forward under bf16 mixed precision
+                if supervised_logits:
+                    out = supervised_logits_loss(model, batch, tokens)
+                else:
+                    out = model(**batch, use_cache=False, num_items_in_batch=tokens)
             out.loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -373,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
     spec_path = Path((argv or sys.argv[1:])[0])
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     result = {"system": spec["system"], **run(spec)}
+    if torch.cuda.is_available():  # the Trainers' and the loop's, as ftkit's metrics report it
+        result["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     Path(spec["result"]).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 

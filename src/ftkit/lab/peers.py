@@ -44,6 +44,17 @@ from ftkit.lab.peer_systems import LORA_TARGET
 from ftkit.lab.throughput import build_model, write_records
 
 REFERENCE = "ftkit"
+# The workload's precision, the same for every system: fp32, or bf16 autocast over a bf16 base
+# (adapters in fp32), as Accelerate's bf16 mixed precision with model_dtype bf16 runs it.
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16"}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 TOLERANCE = 0.002  # supervised tokens per step may differ from ftkit default's by 0.2 %
 
 
@@ -161,6 +172,7 @@ def workload_recipe(args, model_dir: Path, data: Path) -> dict:
         "logging_steps": 1,
         "save_steps": 0,
         "seed": args.seed,
+        "model_dtype": "bf16" if args.precision == "bf16" else "fp32",
     }
 
 
@@ -175,7 +187,7 @@ def run_ftkit(system: System, args, recipe: dict, run_dir: Path) -> dict:
     """``ftkit train`` as users run it; its metrics.json gives the counts and wall time."""
     values = {**recipe, **system.recipe, "overwrite_output_dir": True}
     run = launch_recipe(
-        single_process_flags("no", args.threads),
+        single_process_flags(MIXED_PRECISION[args.precision], args.threads),
         recipe_flags(values),
         run_dir,
         name=system.label,
@@ -192,6 +204,7 @@ def run_ftkit(system: System, args, recipe: dict, run_dir: Path) -> dict:
         "window_wall_s": run.metrics["wall_time_s"],
         "step_time_s_median": statistics.median(row["step_time_s"] for row in run.steps),
         "peak_rss_bytes": run.max_rss_bytes,
+        "peak_device_bytes": run.metrics["memory"]["peak_bytes"] if _cuda() else None,
         "final_loss": run.steps[-1]["loss"],
     }
 
@@ -206,13 +219,14 @@ def run_peer(system: System, args, recipe: dict, model_dir: Path, data: Path, ru
         "recipe": recipe,
         "output_dir": str(run_dir / "trainer"),
         "result": str(run_dir / "result.json"),
+        "precision": args.precision,
     }
     spec_path = run_dir / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     (run_dir / "result.json").unlink(missing_ok=True)
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        *single_process_flags("no", args.threads),
+        *single_process_flags(MIXED_PRECISION[args.precision], args.threads),
         "-m", "ftkit.lab.peer_systems", str(spec_path),
     ]  # fmt: skip
     done = run_measured(command, child_env())
@@ -230,6 +244,7 @@ def run_peer(system: System, args, recipe: dict, model_dir: Path, data: Path, ru
         "window_wall_s": result["window_wall_s"],
         "step_time_s_median": statistics.median(s["step_time_s"] for s in steps),
         "peak_rss_bytes": done.max_rss_bytes,
+        "peak_device_bytes": result.get("peak_device_bytes"),
         "final_loss": result["final_loss"],
     }
 
@@ -278,6 +293,9 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "step_time_s": statistics.median(r["window_wall_s"] / steps for r in runs),
                 "step_time_s_median": statistics.median(r["step_time_s_median"] for r in runs),
                 "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
+                "peak_device_bytes": None
+                if first["peak_device_bytes"] is None
+                else statistics.median(r["peak_device_bytes"] for r in runs),
                 "supervised_tokens": first["supervised_tokens"],
                 "supervised_per_step": first["supervised_per_step"],
                 "supervised_tokens_per_step": first["supervised_tokens"] / steps,
@@ -356,24 +374,27 @@ def report(table, checks, args, command: str, machine: str) -> str:
         f"Workload: LLaMA-shaped model from config (hidden {args.hidden}, {args.layers} layers, "
         "the real 32,000-token LLaMA-2 tokenizer), the first "
         f"{args.records} Alpaca records, max_length {args.max_length}, batch {args.batch_size}, no "
-        f"accumulation, LoRA r 8 on q/v, dropout 0, fp32, no gradient checkpointing, "
+        f"accumulation, LoRA r 8 on q/v, dropout 0, {args.precision}, no gradient checkpointing, "
         f"{args.steps} steps, {args.threads} threads; the prompt masked everywhere. Every run a "
         f"fresh process, {args.rounds} interleaved round(s), medians. Speed: supervised tokens "
         "÷ wall time of the steps (first batch drawn to last optimizer step; loading excluded). "
         "Peak RSS: ru_maxrss of the launch's process tree.",
         "",
         "| system | what ran | supervised tok/s | × ftkit default | s/step "
-        "| supervised tok/step | sequences/step | computed tok/step | peak RSS GiB | final loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| supervised tok/step | sequences/step | computed tok/step | peak RSS GiB "
+        "| peak GPU GiB (allocated) | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         speedup = "—" if row["speedup"] is None else f"{row['speedup']:.2f}"
         loss = "—" if row["final_loss"] is None else f"{row['final_loss']:.3f}"
+        gpu = row.get("peak_device_bytes")
         lines.append(
             f"| {row['label']} | {row['what']} | {row['supervised_tokens_per_s']:.0f} "
-            f"| {speedup} | {row['step_time_s']:.2f} | {row['supervised_tokens_per_step']:.1f} "
+            f"| {speedup} | {row['step_time_s']:.3f} | {row['supervised_tokens_per_step']:.1f} "
             f"| {row['sequences_per_step']:.2f} | {row['computed_tokens_per_step']:.0f} "
-            f"| {row['peak_rss_bytes'] / 2**30:.2f} | {loss} |"
+            f"| {row['peak_rss_bytes'] / 2**30:.2f} | {'—' if gpu is None else f'{gpu / 2**30:.2f}'} "
+            f"| {loss} |"
         )
     lines += [
         "",
@@ -423,6 +444,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--threads", type=int, default=len(os.sched_getaffinity(0)), help="per run (all cores)"
     )
     parser.add_argument("--systems", nargs="*", default=DEFAULT_SYSTEMS, choices=list(SYSTEMS))
+    parser.add_argument(
+        "--precision", choices=list(MIXED_PRECISION), default="fp32",
+        help="every system's: fp32, or bf16 (base in bf16, autocast; a GPU with bf16)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     missing = sorted(
         {n for key in args.systems for n in SYSTEMS[key].needs if not importlib.util.find_spec(n)}
@@ -436,7 +461,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(out, args.tokenizer, args.hidden, args.layers)
+    model_dir = build_model(out, args.tokenizer, args.hidden, args.layers, args.precision)
     data = write_records(args.dataset, args.records, out / f"records-{args.records}.json")
     recipe = workload_recipe(args, model_dir, data)
     rows = []

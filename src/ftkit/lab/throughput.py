@@ -44,11 +44,14 @@ MODES: dict[str, dict] = {
 }
 
 
-def build_model(out: Path, tokenizer_dir: str, hidden: int, layers: int) -> Path:
+def build_model(
+    out: Path, tokenizer_dir: str, hidden: int, layers: int, precision: str = "fp32"
+) -> Path:
+    """A LLaMA-shaped model with random weights (seed 0), saved in ``precision``'s dtype."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = out / f"llama-h{hidden}-l{layers}"
+    path = out / f"llama-h{hidden}-l{layers}-{precision}"
     if (path / "config.json").is_file():
         return path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -65,7 +68,10 @@ def build_model(out: Path, tokenizer_dir: str, hidden: int, layers: int) -> Path
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1 B init: seconds
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
