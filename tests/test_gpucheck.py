@@ -129,6 +129,8 @@ def test_the_report_renders_every_section_and_says_what_did_not_run():
     assert "| fp16 | 1 of 20 | 4.1170 → 2.1700 | 500.0 ms | 12.0 ms | varlen_attn |" in text
     assert "| 1x512 | 15.00 GiB | 15.10 GiB | +0.6% | 16.50 GiB | 16.90 GiB | +2.4% |" in text
     assert "## memory (61 s)" in text and "needs bitsandbytes" in text
+    missed = {**memory, "tensors_error": 0.28}  # the first H200 run's total-vs-allocated reading
+    assert "+28.0% (goal ±3%: missed)" in "\n".join(gpucheck._render_memory({"cells": [missed]}))
     assert "ftkit default ÷ the best peer (HF): **1.50×**" in text
     assert "Own LoRA ÷ PEFT LoRA step time: 0.970×." in text
     assert "FAILED: timed out after 120 s" in text

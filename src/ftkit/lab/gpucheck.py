@@ -160,31 +160,10 @@ def _launch(flags: list[str], recipe: dict, run_dir: Path, name: str):
 
 
 def shaped_model(ctx: Context, name: str, shape: dict) -> Path:
-    """A LLaMA shape with the LLaMA-2 tokenizer's vocabulary and random weights (seed 0), saved
-    in bf16 once per output dir; built on the GPU where there is one (a 7 B init: seconds)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """``shape`` with the LLaMA-2 vocabulary, random bf16 weights, once per output dir."""
+    from ftkit.lab.throughput import save_llama
 
-    path = ctx.out / "models" / name
-    if (path / "config.json").is_file():
-        return path
-    tokenizer = AutoTokenizer.from_pretrained(ctx.tokenizer)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        **shape,
-    )
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path
+    return save_llama(ctx.out / "models" / name, str(ctx.tokenizer), shape, "bf16")
 
 
 def long_records(path: Path, n: int) -> Path:
@@ -495,10 +474,15 @@ def _render_memory(fig: dict) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in fig["cells"]:
+        tensors, total = _pct(r["tensors_error"]), _pct(r["total_error"])
+        if r["tensors_error"] is not None and abs(r["tensors_error"]) > GOAL_TENSORS:
+            tensors += f" (goal ±{GOAL_TENSORS:.0%}: missed)"
+        if r["total_error"] is not None and abs(r["total_error"]) > GOAL_TOTAL:
+            total += f" (goal ±{GOAL_TOTAL:.0%}: missed)"
         lines.append(
             f"| {r['cell']} | {_gib(r['peak_bytes'])} | {_gib(r['planned_tensors_bytes'])} | "
-            f"{_pct(r['tensors_error'])} | {_gib(r['device_used_bytes'])} | "
-            f"{_gib(r['planned_total_bytes'])} | {_pct(r['total_error'])} | "
+            f"{tensors} | {_gib(r['device_used_bytes'])} | "
+            f"{_gib(r['planned_total_bytes'])} | {total} | "
             f"{_gib(r['reserved_bytes'])} | {_ms(r['step_time_s'])} |"
         )
     return lines

@@ -44,36 +44,51 @@ MODES: dict[str, dict] = {
 }
 
 
-def build_model(
-    out: Path, tokenizer_dir: str, hidden: int, layers: int, precision: str = "fp32"
-) -> Path:
-    """A LLaMA-shaped model with random weights (seed 0), saved in ``precision``'s dtype."""
+def save_llama(path: Path, tokenizer_dir: str, shape: dict, precision: str = "fp32") -> Path:
+    """A LLaMA of ``shape`` (LlamaConfig values) with ``tokenizer_dir``'s vocabulary and random
+    weights (seed 0), saved at ``path`` in ``precision``'s dtype once (kept if already there);
+    built on the GPU where there is one (a 7 B init takes seconds there)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    path = out / f"llama-h{hidden}-l{layers}-{precision}"
     if (path / "config.json").is_file():
         return path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **shape,
+    )
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the runs that load it come next
+    return path
+
+
+def build_model(
+    out: Path, tokenizer_dir: str, hidden: int, layers: int, precision: str = "fp32"
+) -> Path:
+    """The benchmarks' LLaMA shape from its width and depth (heads of 64, SwiGLU at 8/3)."""
+    shape = dict(
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3 // 64 * 64 or hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=max(1, hidden // 64),
         num_key_value_heads=max(1, hidden // 64),
         max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 1 B init: seconds
-        model = LlamaForCausalLM(config).to(dtype)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_llama(
+        out / f"llama-h{hidden}-l{layers}-{precision}", tokenizer_dir, shape, precision
+    )
 
 
 def write_records(dataset: str, n: int, path: Path) -> Path:
