@@ -162,7 +162,7 @@ def test_same_recipe_rerun_replaces_its_own_artefacts(tiny_llama_dir, records, t
 def test_rotation_latest_and_resume_consider_only_this_runs_checkpoints(
     tiny_llama_dir, records, tmp_path
 ):
-    from ftkit import checkpoint
+    from ftkit import checkpoint, rundir
     from ftkit.errors import FtkitError
 
     common = dict(max_steps=3, save_steps=1, save_total_limit=2)
@@ -172,7 +172,8 @@ def test_rotation_latest_and_resume_consider_only_this_runs_checkpoints(
     # Another run's checkpoint with a higher step number.
     shutil.copytree(ckpts / "checkpoint-3", ckpts / "checkpoint-9")
     state = json.loads((ckpts / "checkpoint-9" / "ftkit_state.json").read_text())
-    state["fingerprint"] = "another-run"
+    state["fields"]["seed"] = 7  # another recipe: another lineage
+    state["fingerprint"] = rundir.fingerprint(state["fields"])
     (ckpts / "checkpoint-9" / "ftkit_state.json").write_text(json.dumps(state))
     checkpoint.save(trainer.accelerator, tmp_path, 4, keep=2, extra=trainer._run_state())
     assert sorted(p.name for p in ckpts.iterdir()) == [
@@ -180,7 +181,7 @@ def test_rotation_latest_and_resume_consider_only_this_runs_checkpoints(
         "checkpoint-4",
         "checkpoint-9",
     ]
-    latest = checkpoint.checkpoints(tmp_path, trainer.fingerprint)[-1]
+    latest = checkpoint.checkpoints(tmp_path, rundir.lineage(trainer.identity))[-1]
     assert latest.name == "checkpoint-4"
     # Resuming a checkpoint of another recipe names the differing fields.
     changed = tiny_recipe(

@@ -110,18 +110,20 @@ def read_state(path: Path) -> dict | None:
         return None
 
 
-def checkpoints(output_dir: Path, fingerprint: str | None = None) -> list[Path]:
+def checkpoints(output_dir: Path, lineage: str | None = None) -> list[Path]:
     """Complete checkpoints, oldest first (scratch dirs of a crashed save are ignored).
 
-    With ``fingerprint``, only the checkpoints of that run: rotation and ``latest`` never
-    consider another run's.
+    With ``lineage`` (``rundir.lineage`` of a run's identity), only the checkpoints of that run
+    and its extensions: rotation and ``latest`` never consider another run's.
     """
+    from ftkit.rundir import lineage as lineage_of
+
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name)]
-    if fingerprint is not None:
-        found = [p for p in found if (read_state(p) or {}).get("fingerprint") == fingerprint]
+    if lineage is not None:
+        found = [p for p in found if lineage_of((read_state(p) or {}).get("fields", {})) == lineage]
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
@@ -173,7 +175,7 @@ def save(
     of the same fingerprint. On failure the scratch dir is removed; a full disk is one line.
     """
     from ftkit.io import umask_modes
-    from ftkit.rundir import disk_full, no_space_error
+    from ftkit.rundir import disk_full, lineage, no_space_error
 
     root = Path(output_dir) / "checkpoints"
     scratch = root / f".checkpoint-{step}.tmp"
@@ -209,14 +211,20 @@ def save(
             umask_modes(scratch)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(scratch, final)
-            for old in checkpoints(output_dir, extra.get("fingerprint"))[:-keep]:
-                shutil.rmtree(old)
+            for old in checkpoints(output_dir, lineage(extra.get("fields", {})))[:-keep]:
+                # Renamed out of the pattern first: a stop mid-delete never leaves a partial
+                # checkpoint-N that `latest` would pick.
+                doomed = root / f".{old.name}.tmp"
+                os.replace(old, doomed)
+                shutil.rmtree(doomed)
             # One line per checkpoint: the CLI quiets Accelerate's own per-file INFO lines.
             logger.info("checkpoint %d saved to %s", step, final)
-    except Exception as err:
+    except BaseException as err:  # a second Ctrl-C included: no half-written checkpoint stays
         if accelerator.is_main_process:
             shutil.rmtree(scratch, ignore_errors=True)
-        if disk_full(err, root.parent if not root.exists() else root):
+        if isinstance(err, Exception) and disk_full(
+            err, root.parent if not root.exists() else root
+        ):
             raise no_space_error(root, err) from err
         raise
     accelerator.wait_for_everyone()
@@ -233,12 +241,14 @@ def resume(
     """Load ``which`` (a checkpoint dir, or 'latest' under output_dir) into the prepared objects.
 
     Refused before anything loads: a checkpoint holding pickles, one without ftkit's state, one
-    of another run (its differing recipe fields named), or one written by another process count.
+    of another run (its differing recipe fields named), one whose step is already past this
+    recipe's horizon, or one written by another process count. A recipe that differs from the
+    checkpoint's only in its horizon (``max_steps`` / ``num_train_epochs``) extends the run.
     Returns the checkpoint's ``ftkit_state.json`` data.
     """
-    from ftkit.rundir import differing_fields, fingerprint
+    from ftkit.rundir import differing_fields, fingerprint, horizon_moved, lineage
 
-    ours = fingerprint(identity) if identity is not None else None
+    ours = lineage(identity) if identity is not None else None
     if which == "latest":
         found = checkpoints(output_dir, ours)
         if not found:
@@ -266,8 +276,13 @@ def resume(
             f"checkpoint {path} has no readable {STATE_NAME}: it was not written by this version "
             "of ftkit; start a fresh run"
         )
-    if ours is not None and state.get("fingerprint") != ours:
-        differing = differing_fields(identity, state.get("fields", {}))
+    theirs = state.get("fields", {})
+    if (
+        identity is not None
+        and state.get("fingerprint") != fingerprint(identity)
+        and not horizon_moved(identity, theirs)
+    ):
+        differing = differing_fields(identity, theirs)
         raise FtkitError(
             f"checkpoint {path} belongs to another run; its recipe differs in "
             f"{'; '.join(differing) or 'fields this ftkit does not know'}: resume with the "

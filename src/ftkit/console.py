@@ -3,7 +3,8 @@
 
 The ``ftkit`` command and the lab's ``python -m ftkit.lab...`` scripts run their ``main`` through
 ``run_main``: a ``FtkitError`` (bad input, a missing file, a refused setting) is one line on
-stderr and exit code 2; any other exception is a bug and keeps its traceback.
+stderr and exit code 2; a run stopped by a signal (``ftkit.stopping``) is its one line and the
+signal's exit code; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from ftkit import quiet
 from ftkit.errors import FtkitError
 from ftkit.launcher import report_error
+from ftkit.stopping import RunStopped
 
 
 def setup_logging() -> None:
@@ -44,3 +46,6 @@ def run_main(main: Callable[[], int | None]) -> int:
     except FtkitError as exc:
         report_error(str(exc))
         return 2
+    except RunStopped as stop:  # checkpointed on a signal: its line last, the signal's code
+        report_error(str(stop), stop.exit_code, prefix="ftkit: ")
+        return stop.exit_code

@@ -7,11 +7,22 @@ lets the workers hand it their error through a file instead of printing it, stop
 launcher's stderr once that file exists (what follows is the agent's report of the same
 failure), and prints the error itself, last, with exit code 2. Any other failure keeps its
 traceback and exit code.
+
+Signals: a run stops cleanly on SIGTERM or a first Ctrl-C (``ftkit.stopping``), but both
+launchers under it kill their workers a few seconds after relaying a signal (Accelerate's single
+process launcher after 5 s, torchrun after ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s), too soon
+for a step and a checkpoint of a large model. So the launcher runs in its own session (the
+terminal's Ctrl-C reaches only this process) and each SIGTERM / SIGINT this process gets is sent
+straight to the training processes, once; the launcher under it sees them exit by themselves.
+A stopped run's line (``stopped at step N on SIGTERM; ...``) is printed last, with its exit code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,17 +31,18 @@ from pathlib import Path
 ERROR_FILE_ENV = "FTKIT_ERROR_FILE"
 
 
-def report_error(message: str) -> None:
-    """Print a user-facing error, or hand it to ``ftkit launch`` when running under it.
+def report_error(message: str, exit_code: int = 2, prefix: str = "ftkit error: ") -> None:
+    """Print a user-facing line (an error, or a stopped run's), or hand it to ``ftkit launch``
+    when running under it.
 
-    Every rank fails the same way on bad input; the first to get here writes the file."""
+    Every rank fails (or stops) the same way; the first to get here writes the file."""
     path = os.environ.get(ERROR_FILE_ENV)
     if not path:
-        print(f"ftkit error: {message}", file=sys.stderr)
+        print(f"{prefix}{message}", file=sys.stderr)
         return
     try:
         with open(path, "x", encoding="utf-8") as handle:
-            handle.write(message)
+            json.dump({"line": prefix + message, "exit_code": exit_code}, handle)
     except FileExistsError:
         pass
 
@@ -52,21 +64,56 @@ def run_launcher(train_flags: list[str], launcher_flags: list[str]) -> int:
             sys.executable, "-m", "accelerate.commands.launch", "-q", *launcher_flags,
             "-m", "ftkit", "train", *train_flags,
         ]  # fmt: skip
-        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-        try:
+        # Stop signals are relayed to the workers (below); grant torchrun's agent as long to
+        # let them finish, unless the user chose a limit.
+        env.setdefault(SHUTDOWN_TIMEOUT_ENV, str(STOP_GRACE_S))
+        child = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+        with _relay_stop_signals(child):
             hidden = _echo_until(child, error_file)
-        except KeyboardInterrupt:
-            hidden = 0  # the workers got the same SIGINT; wait for them to stop
-        code = child.wait()
+            code = child.wait()
         if error_file.is_file():
             if hidden:
                 print(
                     f"({hidden} lines of launcher output about this failure not shown)",
                     file=sys.stderr,
                 )
-            print(f"ftkit error: {error_file.read_text(encoding='utf-8')}", file=sys.stderr)
-            return 2
+            report = json.loads(error_file.read_text(encoding="utf-8"))
+            print(report["line"], file=sys.stderr)
+            return report["exit_code"]
     return code
+
+
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+STOP_GRACE_S = 600  # for torchrun's agent, should it get a signal itself (e.g. from SLURM)
+
+
+class _relay_stop_signals:
+    """While inside: SIGTERM / SIGINT to this process go to the training processes (the
+    launcher's children), or to the launcher while none is started yet."""
+
+    def __init__(self, launcher: subprocess.Popen):
+        self.launcher = launcher
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self._relay)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+    def _relay(self, signum, frame) -> None:
+        import psutil  # Accelerate's own dependency
+
+        try:
+            workers = psutil.Process(self.launcher.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for process in workers or [psutil.Process(self.launcher.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signum)
 
 
 def _echo_until(child: subprocess.Popen, error_file: Path) -> int:

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ftkit.errors import ConfigError, FtkitError
 
@@ -87,6 +88,21 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# How long a run trains: a resumed run may move its horizon (extend a finished run, as HF
+# Trainer allows); every other identity field must match (docs/cli.md, "Extending a run").
+HORIZON = ("max_steps", "num_train_epochs")
+
+
+def lineage(fields: dict) -> str:
+    """The fingerprint without the horizon: a run and its extensions share it."""
+    return fingerprint({k: v for k, v in fields.items() if k not in HORIZON})
+
+
+def horizon_moved(ours: dict, theirs: dict) -> bool:
+    """Whether the two identities differ, and only in their horizon."""
+    return fingerprint(ours) != fingerprint(theirs) and lineage(ours) == lineage(theirs)
+
+
 def differing_fields(ours: dict, theirs: dict) -> list[str]:
     """``name: theirs -> ours`` for every identity field that differs."""
     names = sorted(set(ours) | set(theirs))
@@ -136,6 +152,85 @@ class RunMarker:
 
 def read_marker(output_dir) -> RunMarker | None:
     return RunMarker.read(Path(output_dir))
+
+
+# -- one writer per output dir ----------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive ``flock`` on the output dir itself, held by the run's main process for the
+    run's life.
+
+    Two runs started into one dir at once would both pass the marker checks and then write over
+    each other. The kernel drops a ``flock`` when its holder exits, however it exits (a crash,
+    SIGKILL, a lost node), so a stale lock never blocks the next run; locking the directory
+    writes no file into it. Within one process the lock is shared (a library user may hold two
+    ``Trainer`` objects for one dir); the last release drops it. A filesystem that cannot lock
+    (some network mounts) is a warning: the run goes on without that protection.
+    """
+
+    _held: ClassVar[dict[str, list]] = {}  # realpath -> [fd, holders] in this process
+
+    def __init__(self, output_dir):
+        self.path = Path(output_dir)
+        self._key: str | None = None
+        self._created = False
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        self._created = not self.path.exists()  # removed again on release while still empty
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in self._held:
+            self._held[key][1] += 1
+        else:
+            fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunDirError(
+                    f"output_dir {self.path} is in use by another ftkit run "
+                    f"({_lock_holder(key)}): wait for it to end, or pick another output_dir"
+                ) from None
+            except OSError as err:
+                os.close(fd)
+                logger.warning(
+                    "cannot lock output_dir %s on this filesystem (%s): a second run started "
+                    "into it meanwhile would not be refused",
+                    self.path,
+                    err,
+                )
+                return self
+            self._held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        held = self._held[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            os.close(held[0])  # closing drops the flock
+            del self._held[self._key]
+            if self._created:  # a run refused before writing anything leaves no empty dir
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+        self._key = None
+
+
+def _lock_holder(path: str) -> str:
+    """``pid N`` of the process holding ``path``'s flock, from /proc/locks where there is one."""
+    with contextlib.suppress(OSError, ValueError):
+        st = os.stat(path)
+        device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and device in fields:
+                return f"pid {fields[fields.index(device) - 1]}"
+    return "its lock is held"
 
 
 # -- checks before the model loads ----------------------------------------------------------------
@@ -252,6 +347,8 @@ def claim(
         )
     if marker is not None:
         same = marker.fingerprint == ours
+        if resuming and not same and horizon_moved(fields, marker.fields):
+            return marker  # an extension: recorded once the checkpoint allows it (move_horizon)
         if resuming and not same:
             raise RunDirError(
                 f"output_dir {output_dir} holds another run (fingerprint {marker.fingerprint}, "
@@ -282,6 +379,13 @@ def claim(
     output_dir.mkdir(parents=True, exist_ok=True)
     marker.write(output_dir)
     return marker
+
+
+def move_horizon(output_dir, fields: dict) -> None:
+    """The dir's run is now ``fields``: the same run with a new horizon (main process)."""
+    marker = read_marker(output_dir)
+    marker.fingerprint, marker.fields = fingerprint(fields), fields
+    marker.write(Path(output_dir))
 
 
 def remove_run(output_dir: Path, marker: RunMarker) -> None:

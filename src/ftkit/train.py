@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ from ftkit import (
     quiet,
     reporting,
     rundir,
+    stopping,
     tracking,
 )
 from ftkit.config import (
@@ -148,7 +151,21 @@ class Trainer:
         self.identity = rundir.identity_fields(recipe)
         self.fingerprint = rundir.fingerprint(self.identity)
         rundir.check_output_dir(self.output_dir)
-        self._claim(dry_run=True)
+        self._claim(dry_run=True)  # writes nothing: a dir ftkit may not use stays untouched
+        # One writer per output dir: the main process (torchrun's RANK 0; no process group
+        # yet) holds the lock from here until fit() ends, so a second run is refused at once.
+        self.run_lock = rundir.RunLock(self.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.run_lock.acquire()
+            weakref.finalize(self, self.run_lock.release)  # a Trainer dropped without fit()
+        try:
+            self._set_up(accelerator)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _set_up(self, accelerator: Accelerator | None) -> None:
+        recipe = self.recipe
         self.eval_before: dict = {}
         # Before anything loads: a missing tracker package or an impossible upload is one line now.
         hub.check_can_push(recipe.train)
@@ -221,6 +238,9 @@ class Trainer:
             num_training_steps=self.total_steps,
         )
         self.progress = checkpoint.Progress()
+        self.stop = stopping.StopRequest()  # signal handlers: installed by fit() for its loop
+        self.stop_signal: int | None = None  # the signal all ranks agreed to stop on
+        self.horizon_moved: dict | None = None  # an extended run: where, and from what
         # Saved as data (ftkit_state.json) by checkpoint.save, not as Accelerate's pickles.
         self.checkpointed = {"scheduler": self.scheduler, "progress": self.progress}
         checkpoint.register_adapter_only_hooks(self.accelerator)
@@ -387,12 +407,17 @@ class Trainer:
         step_start = time.perf_counter()
         window_loss = self.backward_window(window)
         grad_norm = self.clip_gradients()
-        real = acc.reduce(sum(batching.real_tokens(b) for b in window), "sum")
-        figures = [window_loss, real] + ([] if grad_norm is None else [grad_norm])
+        real = sum(batching.real_tokens(b) for b in window)
+        # One collective for the real-token count and every rank's stop vote (stopping.py).
+        votes = real.new_tensor(self.stop.votes())
+        counts = acc.reduce(torch.cat([real.reshape(1), votes]), "sum")
+        figures = [window_loss, *counts] + ([] if grad_norm is None else [grad_norm])
         # (DeepSpeed's engine hands back its gradient norm as a Python float: as_tensor takes both)
-        loss, real_tokens, *norm = torch.stack(
+        loss, real_tokens, *rest = torch.stack(
             [torch.as_tensor(x, dtype=torch.float64, device=window_loss.device) for x in figures]
         ).tolist()
+        self.stop_signal = stopping.agreed_signal(rest[: len(votes)])
+        norm = rest[len(votes) :]
         step = self.progress.step + 1
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -447,6 +472,12 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        try:
+            return self._fit()
+        finally:
+            self.run_lock.release()
+
+    def _fit(self) -> TrainResult:
         acc, cfg = self.accelerator, self.recipe.train
         if acc.is_main_process:
             self._claim()
@@ -465,6 +496,8 @@ class Trainer:
         if cfg.resume_from_checkpoint:
             log.resume_at(self.progress.step)  # each step once: drop rows a killed run logged
             self.eval_before = state.get("eval_before") or {}  # the base's, not the checkpoint's
+            if state.get("fingerprint") != self.fingerprint:
+                self._move_horizon(state["fields"])
         else:
             self.eval_before = self.evaluate()  # step 0: the base model
         if acc.is_main_process:
@@ -484,25 +517,12 @@ class Trainer:
         steps.track(before, self.progress.step)
         start = time.perf_counter()
         try:
-            for window in self.windows():
-                row = self.train_step(window)
-                step = row["step"]
-                bar.update(1)
-                steps.train_step(row)
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
-                    steps.evaluation(step, self.evaluate())
-                if cfg.save_steps and step % cfg.save_steps == 0:
-                    checkpoint.save(
-                        acc,
-                        self.output_dir,
-                        step,
-                        cfg.save_total_limit,
-                        objects=self.checkpointed,
-                        extra=self._run_state(),
-                    )
-                if step >= self.total_steps:
-                    break
-            steps.flush()
+            with self.stop:
+                self._train_loop(bar, steps)
+        except KeyboardInterrupt:
+            if self.stop.signum is None:
+                raise
+            raise stopping.interrupted_at_once() from None  # a second Ctrl-C
         finally:
             bar.close()  # on an error too: the bar's line ends before the error line
         wall_time = time.perf_counter() - start
@@ -517,6 +537,7 @@ class Trainer:
             "steps": self.progress.step,
             "optimizer_steps_skipped": self.progress.skipped_steps,
             "wall_time_s": wall_time,
+            "horizon_moved": self.horizon_moved,  # set when this run extended a checkpoint's
             "train_records": len(self.data.train),
             "eval_records": len(self.data.eval),
             "techniques": self.techniques(),
@@ -531,6 +552,69 @@ class Trainer:
         acc.wait_for_everyone()
         steps.end()
         return TrainResult(self.output_dir, metrics, log.history)
+
+    def _move_horizon(self, theirs: dict) -> None:
+        """Resume a run whose ``max_steps`` / ``num_train_epochs`` moved (an extension).
+
+        As in HF Trainer, the schedule is the one for the new total, from the resumed step on:
+        the scheduler was built for the new total and the checkpoint restored its step, so the
+        learning rate is re-derived for that step (the checkpoint's optimizer holds the old
+        schedule's). Warmup, if ratio-based, is the new total's too. Recorded in metrics.json.
+        """
+        step = self.progress.step
+        if step > self.total_steps:
+            raise ConfigError(
+                f"the checkpoint is at step {step}, past this recipe's {self.total_steps} steps: "
+                "raise max_steps / num_train_epochs, or resume with the recipe's old values"
+            )
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()  # public API: sets the optimizer's lr for the step after `step`
+        if self.accelerator.is_main_process:
+            rundir.move_horizon(self.output_dir, self.identity)
+        moved = {
+            k: [theirs.get(k), self.identity.get(k)]
+            for k in rundir.HORIZON
+            if theirs.get(k) != self.identity.get(k)
+        }
+        self.horizon_moved = {"at_step": step, "total_steps": self.total_steps, **moved}
+        logger.info(
+            "extending the run from step %d: %s (the learning-rate schedule follows the new "
+            "total from here)",
+            step,
+            ", ".join(f"{k} {a} -> {b}" for k, (a, b) in moved.items()),
+        )
+
+    def _train_loop(self, bar, steps) -> None:
+        """Optimizer steps until the horizon, or until a signal: then checkpoint and stop.
+
+        With ``save_steps`` set, the last step is checkpointed too (as HF Trainer does), so a
+        finished run can be extended exactly from where it ended.
+        """
+        cfg = self.recipe.train
+        for window in self.windows():
+            row = self.train_step(window)
+            step = row["step"]
+            bar.update(1)
+            steps.train_step(row)
+            done = step >= self.total_steps
+            stopping_now = self.stop_signal is not None and not done
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and not done and not stopping_now:
+                steps.evaluation(step, self.evaluate())
+            if stopping_now or (cfg.save_steps and (step % cfg.save_steps == 0 or done)):
+                checkpoint.save(
+                    self.accelerator,
+                    self.output_dir,
+                    step,
+                    cfg.save_total_limit,
+                    objects=self.checkpointed,
+                    extra=self._run_state(),
+                )
+            if stopping_now:
+                steps.flush()
+                raise stopping.stopped_at(step, self.stop_signal)
+            if done:
+                break
+        steps.flush()
 
     def memory_figures(self) -> dict:
         """Exact tensor bytes plus the measured peak; activations are the residual."""
@@ -616,7 +700,7 @@ def train(recipe: Recipe) -> TrainResult:
 def _resume_hint(recipe: Recipe) -> str:
     """Where a lost run can continue from: its newest complete checkpoint, if any."""
     found = checkpoint.checkpoints(
-        recipe.train.output_dir, rundir.fingerprint(rundir.identity_fields(recipe))
+        recipe.train.output_dir, rundir.lineage(rundir.identity_fields(recipe))
     )
     if not found:
         return "no checkpoint was saved yet (set save_steps to make a run resumable)"
