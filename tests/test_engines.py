@@ -193,6 +193,12 @@ def test_zero2_checkpoint_resume_equals_straight(tiny_llama_dir, records, tmp_pa
     )
     ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-1"
     assert ckpt.is_dir() and not list((tmp_path / "a" / "checkpoints").glob(".*"))
+    # Its checksums cover the engine's per-rank files in their subdirectory (verified on resume).
+    listed = {
+        line.split("  ", 1)[1] for line in (ckpt / "checksums.sha256").read_text().splitlines()
+    }
+    written = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+    assert listed == written - {"checksums.sha256"} and any("/" in name for name in listed)
     module_files = list(ckpt.rglob("*model_states.pt"))
     assert module_files
     frozen_free = torch.load(module_files[0], weights_only=False)["module"]

@@ -28,6 +28,7 @@ from ftkit.generate import (
     load_prompts,
     read_prompts_file,
 )
+from ftkit.integrity import write_manifest
 from ftkit.lora import LoraMergeError
 from ftkit.merge import merge_and_export as merge_adapter
 from ftkit.modeling import load_tokenizer
@@ -354,6 +355,7 @@ def test_each_bad_input_is_one_clear_error(runs, wide_dirs, tmp_path):
     config = json.loads((moved / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (moved / "adapter_config.json").write_text(json.dumps(config))
+    write_manifest(moved)  # as written on that other machine: intact, its base not here
     with pytest.raises(
         AdapterError, match=r"trained on .*gone, which does not exist.*--base_model"
     ):

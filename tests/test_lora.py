@@ -374,6 +374,7 @@ def test_peft_loads_ftkit_adapter_with_identical_logits(llama, llama_dir, ids, t
     assert sorted(path.name for path in out_dir.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "checksums.sha256",
     ]
     config = peft.PeftConfig.from_pretrained(out_dir)
     assert (config.peft_type, config.task_type, config.r, config.lora_alpha) == (

@@ -470,6 +470,7 @@ def test_a_checkpoint_from_another_process_count_or_lacking_a_rank_is_refused(
     tiny_llama_dir, records, tmp_path
 ):
     from ftkit.errors import FtkitError
+    from ftkit.integrity import write_manifest
 
     common = dict(max_steps=2, save_steps=1)
     Trainer(tiny_recipe(tiny_llama_dir, records, tmp_path, **common)).fit()
@@ -478,6 +479,7 @@ def test_a_checkpoint_from_another_process_count_or_lacking_a_rank_is_refused(
     assert state["world_size"] == 1
     state["world_size"] = 2  # as if written by `accelerate launch --num_processes 2`
     (ckpt / "ftkit_state.json").write_text(json.dumps(state))
+    write_manifest(ckpt)  # its checksums too: not damaged, another process count
     recipe = tiny_recipe(
         tiny_llama_dir, records, tmp_path, **common, resume_from_checkpoint=str(ckpt)
     )
@@ -487,6 +489,7 @@ def test_a_checkpoint_from_another_process_count_or_lacking_a_rank_is_refused(
     state["world_size"] = 1
     (ckpt / "ftkit_state.json").write_text(json.dumps(state))
     (ckpt / "rng_state_0.json").unlink()
+    write_manifest(ckpt)
     with pytest.raises(FtkitError, match=r"lacks the state of rank\(s\) \[0\]"):
         Trainer(recipe).fit()
 

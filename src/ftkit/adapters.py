@@ -10,7 +10,9 @@ Two formats, told apart by their config file:
 
 Here: saving (atomically: a reader finds no adapter or a complete one), detecting, loading onto a
 base (ftkit's LoRA from either format, or PEFT's), and loading the base an adapter names.
-Merging into a standalone model is ``ftkit.merge``'s.
+Merging into a standalone model is ``ftkit.merge``'s. An adapter ftkit saved lists its files'
+checksums (``checksums.sha256``, ``ftkit.integrity``); reading one verifies them and names a
+damaged file before any of it loads.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from ftkit import lora
+from ftkit import integrity, lora
 from ftkit.config import PRECISIONS, ModelConfig
 from ftkit.errors import ConfigError, FtkitError
 from ftkit.io import atomic_dir
@@ -111,6 +113,7 @@ def save_adapter(model: torch.nn.Module, out_dir, *, base_model_name_or_path: st
     """Write ftkit's LoRA of ``model`` as a fresh directory ``out_dir``, atomically."""
     with atomic_dir(out_dir) as scratch:
         _write_ftkit_lora(model, scratch, base_model_name_or_path)
+        integrity.write_manifest(scratch)
     return Path(out_dir)
 
 
@@ -122,7 +125,8 @@ def save_trained(
     ``impl`` is the recipe's ``lora_impl``: ``peft`` and ``ftkit`` write an adapter, ``none`` (a
     full fine-tune) the whole model.  Files are staged in a scratch dir, the old commit files
     (both formats' configs) are removed first, weights are renamed in, and the configs last.
-    ``state_dict`` (trainable parameter names -> full tensors) is written instead of the
+    The checksums are the caller's to write, once everything else is staged beside the weights
+    (``rundir.commit``). ``state_dict`` (trainable parameter names -> full tensors) is written instead of the
     parameters' own values when those are sharded (ZeRO-3, FSDP: ``engines.trainable_state``).
     """
     output_dir = Path(output_dir)
@@ -179,6 +183,7 @@ class Adapter:
                         "missing (deleted, or the run did not finish); pass a complete adapter "
                         "dir, or train again"
                     )
+                verify_adapter_files(path)
                 return cls(path, adapter_format, config.get("base_model_name_or_path"))
         raise AdapterError(
             f"{path} holds neither {PEFT_CONFIG_NAME} nor {FTKIT_CONFIG_NAME}: it is no saved "
@@ -205,12 +210,25 @@ class Adapter:
         return self.path if (self.path / "tokenizer_config.json").is_file() else None
 
 
+def verify_adapter_files(adapter_dir: Path) -> None:
+    """Refuse an adapter dir whose files no longer match their checksums, naming the file."""
+    fix = "copy it again, or train it again"
+    if any((adapter_dir / "checkpoints").glob("checkpoint-*")):
+        fix += " (--resume_from_checkpoint latest continues from its last checkpoint)"
+    fix += f"; if you edited it on purpose, delete {integrity.MANIFEST_NAME} to load it unverified"
+    integrity.verify(adapter_dir, "adapter", fix)
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir) -> list[str]:
     """Inject ftkit's LoRA as ``adapter_dir`` describes (either format) and load its weights.
 
-    On any error the model is left without LoRA, exactly as it was.
+    Its checksums are verified first, when it has them. On any error the model is left without
+    LoRA, exactly as it was.
     """
-    adapter_dir = Path(adapter_dir)
+    return _load_adapter(model, Path(adapter_dir), verified=False)
+
+
+def _load_adapter(model: torch.nn.Module, adapter_dir: Path, verified: bool) -> list[str]:
     settings = _read_settings(adapter_dir)
     weights_path = adapter_dir / WEIGHTS_NAME
     if not weights_path.is_file():
@@ -218,6 +236,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir) -> list[str]:
             f"{weights_path} is missing; re-save the adapter with save_adapter() or "
             "PeftModel.save_pretrained(..., safe_serialization=True)"
         )
+    if not verified:
+        verify_adapter_files(adapter_dir)
     tensors = load_file(weights_path)
     try:
         matched = lora.inject(model, settings)
@@ -363,9 +383,14 @@ class LoadedBase:
     base: str
 
 
-def load_base(args: AdapterArgs, device: torch.device | str | None = None) -> LoadedBase:
-    """Read the adapter dir (cheap checks first), then load its base and tokenizer."""
-    adapter = Adapter.read(args.adapter_dir)
+def load_base(
+    args: AdapterArgs, device: torch.device | str | None = None, adapter: Adapter | None = None
+) -> LoadedBase:
+    """Read the adapter dir (cheap checks first), then load its base and tokenizer.
+
+    ``adapter``: the dir already read (and verified) by the caller, so it is not hashed twice.
+    """
+    adapter = adapter or Adapter.read(args.adapter_dir)
     base = adapter.base_for(args.base_model)
     tokenizer = load_tokenizer(str(adapter.tokenizer_path or resolve_model_path(base)))
     # The run's tokenizer may hold an added pad token: fit_embeddings rebuilds training's rows.
@@ -388,7 +413,7 @@ def attach_adapter(loaded: LoadedBase) -> torch.nn.Module:
             with peft_calls():
                 model = PeftModel.from_pretrained(loaded.model, adapter.path)
         else:
-            load_adapter(loaded.model, adapter.path)
+            _load_adapter(loaded.model, adapter.path, verified=True)  # by Adapter.read
             model = loaded.model
     # PEFT raises RuntimeError (size mismatch) or ValueError (no target); ftkit an AdapterError.
     except (RuntimeError, ValueError) as err:

@@ -9,6 +9,10 @@ identity, the world size, the base model's eval loss) and ``rng_state_<rank>.jso
 writes weights as safetensors and the optimizer as a tensor file it loads with
 ``weights_only=True``; a checkpoint holding any ``*.pkl`` (Accelerate's
 ``custom_checkpoint_*.pkl`` load with ``weights_only=False``) is refused before anything loads.
+
+Every checkpoint lists the SHA-256 of all its files, every rank's included, in
+``checksums.sha256`` (``ftkit.integrity``); resuming verifies them first and names a damaged file
+(and the checkpoint to resume from instead) rather than loading it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from ftkit import engines
+from ftkit import engines, integrity
 from ftkit.errors import FtkitError
 
 logger = logging.getLogger(__name__)
@@ -208,13 +212,14 @@ def save(
                 **{name: obj.state_dict() for name, obj in (objects or {}).items()},
             }
             _write_json(scratch / STATE_NAME, state)
+            integrity.write_manifest(scratch)  # last: every rank's files are in, pickles out
             umask_modes(scratch)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(scratch, final)
             for old in checkpoints(output_dir, lineage(extra.get("fields", {})))[:-keep]:
                 # Renamed out of the pattern first: a stop mid-delete never leaves a partial
                 # checkpoint-N that `latest` would pick.
-                doomed = root / f".{old.name}.tmp"
+                doomed = root / f".{old.name}.deleting"
                 os.replace(old, doomed)
                 shutil.rmtree(doomed)
             # One line per checkpoint: the CLI quiets Accelerate's own per-file INFO lines.
@@ -240,17 +245,20 @@ def resume(
 ) -> dict:
     """Load ``which`` (a checkpoint dir, or 'latest' under output_dir) into the prepared objects.
 
-    Refused before anything loads: a checkpoint holding pickles, one without ftkit's state, one
-    of another run (its differing recipe fields named), one whose step is already past this
-    recipe's horizon, or one written by another process count. A recipe that differs from the
-    checkpoint's only in its horizon (``max_steps`` / ``num_train_epochs``) extends the run.
+    Refused before anything loads: a checkpoint holding pickles, one whose files no longer match
+    their checksums (the file named), one without ftkit's state, one of another run (its
+    differing recipe fields named), or one written by another process count. A recipe that
+    differs from the checkpoint's only in its horizon (``max_steps`` / ``num_train_epochs``)
+    extends the run (``Trainer`` refuses a horizon behind the checkpoint's step).
     Returns the checkpoint's ``ftkit_state.json`` data.
     """
     from ftkit.rundir import differing_fields, fingerprint, horizon_moved, lineage
 
     ours = lineage(identity) if identity is not None else None
     if which == "latest":
-        found = checkpoints(output_dir, ours)
+        # A checkpoint whose state cannot be read is damaged, not another run's: it is the one
+        # to name (below), never silently passed over for an older one.
+        found = [p for p in checkpoints(output_dir) if _ours_or_unreadable(p, ours)]
         if not found:
             others = checkpoints(output_dir)
             why = f" (only another run's: {others[-1].name})" if others else ""
@@ -270,6 +278,7 @@ def resume(
             "writes; loading them could run code, so it is refused: delete them or resume from "
             "a checkpoint ftkit wrote"
         )
+    _refuse_damaged(accelerator, path, ours)
     state = read_state(path)
     if state is None:
         raise FtkitError(
@@ -311,3 +320,38 @@ def resume(
         obj.load_state_dict(state[name])
     set_rng_state(rng)  # last: loading draws nothing after this
     return state
+
+
+def _ours_or_unreadable(path: Path, lineage: str | None) -> bool:
+    from ftkit.rundir import lineage as lineage_of
+
+    state = read_state(path)
+    return lineage is None or state is None or lineage_of(state.get("fields", {})) == lineage
+
+
+def _step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(path.name).group(1))
+
+
+def _refuse_damaged(accelerator: Accelerator, path: Path, lineage: str | None) -> None:
+    """Verify ``path`` against its checksums before any of it is read, naming a damaged file.
+
+    The main process reads the checkpoint once, however many ranks resume; every rank gets its
+    verdict and raises the same line (none starts loading while another refuses).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    verdict = [integrity.damage(path) if accelerator.is_main_process else None]
+    problem = broadcast_object_list(verdict)[0]
+    if problem is None:
+        return
+    earlier, root = [], path.parent
+    if root.name == "checkpoints" and CHECKPOINT_PATTERN.match(path.name):
+        earlier = [p for p in checkpoints(root.parent, lineage) if _step(p) < _step(path)]
+    fix = (
+        f"resume from the previous checkpoint instead: --resume_from_checkpoint {earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint of this run is left: start over with "
+        "--overwrite_output_dir true"
+    )
+    raise integrity.DamagedFileError(f"checkpoint {path} is damaged: {problem}; {fix}")

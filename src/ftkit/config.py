@@ -181,6 +181,13 @@ class DataConfig:
         default=0.1, metadata={"help": "Held-out fraction (<1) or count (>=1) of the records."}
     )
     max_length: int = field(default=256, metadata={"help": "Truncate prompt+response to N tokens."})
+    allow_beyond_context: bool = field(
+        default=False,
+        metadata={
+            "help": "Train with a max_length beyond the model's context (max_position_embeddings, "
+            "times its RoPE scaling factor) with a warning, instead of refusing (RoPE models only)."
+        },
+    )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "Also train on the prompt tokens (default: mask them)."}
     )

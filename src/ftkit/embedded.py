@@ -8,6 +8,9 @@ instruction→answer pair). LoRA on a randomly initialised, frozen base cannot m
 since the frozen head bounds the logits; a base that knows the language but not the task is what
 real instruction tuning starts from. The directory is stable, so an adapter's
 ``base_model_name_or_path`` pointing at it stays loadable by plain ``from_pretrained``.
+
+The directory lists its files' checksums (``ftkit.integrity``), verified on every use: a damaged
+one (weights truncated by a full disk, say) is rebuilt the same way, with one log line.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ftkit import integrity
 from ftkit.errors import ConfigError
 from ftkit.io import atomic_dir
 
@@ -66,25 +70,46 @@ def embedded_model_path(name_or_path: str) -> str:
 
 
 def materialise(name: str) -> Path:
-    """Build ``$FTKIT_HOME/name`` unless it already holds the weights for the shipped config."""
+    """Build ``$FTKIT_HOME/name`` unless it already holds intact weights for the shipped config."""
     source = ASSETS_DIR / name
     target = ftkit_home() / name
     digest = _assets_digest(source)
-    if _stamped_digest(target) == digest:
+    if _state(target, digest) == "sound":
         return target
     # Several ranks of `accelerate launch` may get here at once; one builds, the others reuse it.
     with _file_lock(target.with_name(f".{name}.lock")):
-        if _stamped_digest(target) != digest:
+        state = _state(target, digest)
+        if state == "sound":
+            return target  # another process built it while this one waited
+        if state in ("absent", "unchecked"):
+            again = " again (an older ftkit built it without checksums)" * (state == "unchecked")
             logger.info(
-                "materialising %s%s into %s: pretraining %d steps on the toy language "
+                "materialising %s%s into %s%s: pretraining %d steps on the toy language "
                 "(seconds to a minute, once)",
-                EMBEDDED_PREFIX, name, target, PRETRAIN_STEPS,
+                EMBEDDED_PREFIX, name, target, again, PRETRAIN_STEPS,
             )  # fmt: skip
-            with atomic_dir(target) as scratch:
-                _build(source, scratch)
-                stamp = {"assets_sha256": digest, "seed": MODEL_SEED}
-                (scratch / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
+        else:
+            logger.warning(
+                "%s%s in %s is damaged (%s): rebuilding it, pretraining %d steps on the toy "
+                "language (seconds to a minute)",
+                EMBEDDED_PREFIX, name, target, state, PRETRAIN_STEPS,
+            )  # fmt: skip
+        with atomic_dir(target) as scratch:
+            _build(source, scratch)
+            stamp = {"assets_sha256": digest, "seed": MODEL_SEED}
+            (scratch / STAMP_FILE).write_text(json.dumps(stamp, indent=2) + "\n")
+            integrity.write_manifest(scratch)
     return target
+
+
+def _state(target: Path, digest: str) -> str:
+    """``sound``; ``absent`` (or built for other assets); ``unchecked`` (built by an older ftkit
+    without checksums: rebuilt once rather than trusted); else what is damaged, in words."""
+    if _stamped_digest(target) != digest:
+        return "absent"
+    if not (target / integrity.MANIFEST_NAME).is_file():
+        return "unchecked"
+    return integrity.damage(target) or "sound"
 
 
 def _build(source: Path, out: Path) -> None:

@@ -187,7 +187,7 @@ def evaluate_before_after(args: AdapterArgs, eval_args: EvalArgs) -> EvalReport:
         examples_for = partial(
             tokenize_examples, records, max_length=eval_args.max_length, data_format=data_format
         )
-    loaded = load_base(args)
+    loaded = load_base(args, adapter=adapter)
     examples = examples_for(tokenizer=loaded.tokenizer)
     score = (loaded.tokenizer, examples, eval_args.batch_size, eval_args.supervised_logits_only)
     base = evaluate_loss(loaded.model, *score)

@@ -4,6 +4,7 @@
 its update into the base weights and writes a plain transformers model directory that needs
 neither PEFT nor ftkit: its tokenizer pads on the left and carries the run's chat template, its
 generation config is ``ftkit generate``'s, and its tokenizer config loads in transformers 4.56+.
+It lists its files' checksums in ``checksums.sha256`` (``sha256sum -c`` checks a copy).
 
 Merge policy: never merge into quantised weights.  Requantising ``W + BA`` adds a second rounding
 error, so the merged model would no longer compute what was trained; the base is therefore always
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from ftkit import lora, rundir
+from ftkit import integrity, lora, rundir
 from ftkit.adapters import Adapter, AdapterArgs, attach_adapter, load_base
 from ftkit.data import (
     CHAT_FORMATS,
@@ -63,7 +64,7 @@ def merge_and_export(
         overwrite=overwrite,
     )
     _refuse_quantised_checkpoint(base)
-    loaded = load_base(args, device="cpu")
+    loaded = load_base(args, device="cpu", adapter=adapter)
     model = attach_adapter(loaded)
     probe = loaded.tokenizer(load_template().format(PROBE_INSTRUCTION), return_tensors="pt")
     with torch.no_grad():
@@ -79,6 +80,7 @@ def merge_and_export(
         tokenizer.save_pretrained(scratch)
         portable_tokenizer_config(scratch / "tokenizer_config.json")
         rundir.write_merge_marker(scratch)
+        integrity.write_manifest(scratch)  # last: it covers every file, the marker too
     return MergeResult(output_dir, diff)
 
 

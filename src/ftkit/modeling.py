@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from ftkit.config import AdapterConfig, ModelConfig, torch_dtype
+from ftkit.config import AdapterConfig, DataConfig, ModelConfig, torch_dtype
 from ftkit.data import ensure_pad_token
 from ftkit.errors import ConfigError, ModelError
 
@@ -44,6 +44,76 @@ def require_model_dir(path: str) -> None:
             f"model path {path} is {what}, not a model: give the directory save_pretrained "
             "wrote (config.json + weights), a Hub id, or ftkit:tiny-llama"
         )
+
+
+# RoPE types that stretch the positions a model was pretrained on by their ``factor``
+# (transformers' rope_parameters; yarn, llama3 and longrope keep the pretrained length in
+# original_max_position_embeddings). Others (default, ...) reach max_position_embeddings.
+_SCALED_ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+
+
+def context_length(config) -> tuple[int, str] | None:
+    """The positions ``config``'s model handles, and how that follows from its config; None when
+    it states no limit (ALiBi: BLOOM, MPT).
+
+    ``max_position_embeddings``, stretched by a RoPE scaling ``factor``: the pretrained length
+    (``original_max_position_embeddings``, else ``max_position_embeddings``) times the factor,
+    never below ``max_position_embeddings`` (LLaMA-3.1 states the stretched length there).
+    Per-layer-type RoPE (Gemma-3: full and sliding attention) gives its longest reach.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return None
+    rope = getattr(config, "rope_parameters", None) or {}
+    per_type = [v for v in rope.values() if isinstance(v, dict)] or [rope]
+    best, how = positions, f"max_position_embeddings {positions}"
+    for params in per_type:
+        kind, factor = params.get("rope_type", "default"), params.get("factor")
+        if kind not in _SCALED_ROPE_TYPES or not isinstance(factor, (int, float)):
+            continue
+        pretrained = params.get("original_max_position_embeddings") or positions
+        if int(pretrained * factor) > best:
+            best = int(pretrained * factor)
+            how = f"{pretrained} positions x {kind} RoPE scaling factor {factor:g}"
+    return best, how
+
+
+def check_context_length(data_cfg: DataConfig, model_path: str) -> None:
+    """Refuse (or, with ``allow_beyond_context``, warn about) a ``max_length`` beyond the context
+    of the model at ``model_path``; read from its config alone, before any weight loads.
+
+    Beyond it a RoPE model meets positions it never saw (quality falls, silently); a model
+    without RoPE has position embeddings for that many positions only (GPT-2's and OPT's learned
+    tables have no row past them), so there it is refused even when allowed.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    context = context_length(config)
+    if context is None or data_cfg.max_length <= context[0]:
+        return
+    positions, how = context
+    rope = bool(getattr(config, "rope_parameters", None))
+    problem = (
+        f"max_length {data_cfg.max_length} is beyond the context of {model_path}: {positions} "
+        f"positions ({how})"
+    )
+    if not rope:
+        raise ConfigError(
+            f"{problem}; its position embeddings (not RoPE) stop there, so "
+            f"allow_beyond_context cannot help: use --max_length {positions} or less"
+        )
+    if not data_cfg.allow_beyond_context:
+        raise ConfigError(
+            f"{problem}: use --max_length {positions} or less, or pass --allow_beyond_context "
+            "true to train on longer sequences anyway"
+        )
+    logger.warning(
+        "%s: training anyway (allow_beyond_context); positions past %d were never seen in "
+        "pretraining",
+        problem,
+        positions,
+    )
 
 
 def load_tokenizer(path: str):

@@ -63,6 +63,7 @@ NOT_IDENTITY = frozenset(
         "hub_model_id",
         "hub_private_repo",
         "ddp_timeout",  # how long to wait for a lost node, not what is computed
+        "allow_beyond_context",  # permits a max_length (itself identity), computes nothing
     }
 )
 
@@ -454,13 +455,15 @@ def commit(output_dir, write: Callable[[Path], None]) -> list[str]:
     A failure while staging (disk full included) leaves ``output_dir`` as it was. The marker
     lists the new names before they appear, and is marked complete after the last rename;
     configs (``*config.json``) are renamed in last, so a reader never finds a config whose
-    weights are missing.
+    weights are missing. The staged files' checksums are staged with them (``ftkit.integrity``).
     """
     output_dir = Path(output_dir)
     with staging(output_dir) as stage:
         write(stage)
+        from ftkit.integrity import write_manifest
         from ftkit.io import umask_modes
 
+        write_manifest(stage)
         umask_modes(stage)
         staged = sorted(p.name for p in stage.iterdir())
         marker = read_marker(output_dir)
@@ -559,10 +562,14 @@ def check_merge_target(target, *, adapter_dir, base_dir, overwrite: bool) -> Non
 
 
 def write_merge_marker(directory: Path) -> None:
-    """List the files of a merged-model dir, so ``--overwrite`` knows they are ftkit's."""
-    files = sorted(p.name for p in Path(directory).iterdir())
+    """List the files of a merged-model dir, so ``--overwrite`` knows they are ftkit's.
+
+    The checksums are listed too: they are written after this marker, to cover it as well.
+    """
+    from ftkit.integrity import MANIFEST_NAME
     from ftkit.io import atomic_write_json
 
+    files = sorted({p.name for p in Path(directory).iterdir()} | {MANIFEST_NAME})
     atomic_write_json(Path(directory) / MERGE_MARKER, {"format": "ftkit-merged", "files": files})
 
 

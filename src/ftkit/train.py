@@ -64,6 +64,7 @@ from ftkit.metrics import (
 )
 from ftkit.modeling import (
     build_model,
+    check_context_length,
     check_precision_combination,
     cuda_capability,
     load_tokenizer,
@@ -183,6 +184,7 @@ class Trainer:
         set_seed(recipe.train.seed)
         require_model_dir(self.base_path)
         self.tokenizer = load_tokenizer(self.base_path)
+        check_context_length(recipe.data, self.base_path)  # before the data is tokenised
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         attention.resolve(recipe.model.attn_implementation, self.padding_free)  # before loading
         attention.reset_kernels_used()
