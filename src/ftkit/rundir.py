@@ -62,6 +62,8 @@ NOT_IDENTITY = frozenset(
         "hub_model_id",
         "hub_private_repo",
         "ddp_timeout",  # how long to wait for a lost node, not what is computed
+        "planned_peak_bytes",  # what `ftkit plan` predicted, not what is computed
+        "planned_step_time_s",
     }
 )
 
