@@ -30,7 +30,7 @@ RECIPE_ARGS ?=
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
 .PHONY: install demo test test-fast test-oldest lock lock-oldest train train-ddp lint format \
-	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate gpu-check \
+	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate plan-check gpu-check \
 	device-files clean
 
 install: $(VENV)/.installed
@@ -142,6 +142,12 @@ planner-grid: install  # the planner vs measured peaks at a 32k vocabulary: resu
 
 estimate: install
 	$(PY) -m ftkit estimate --paper
+
+# `ftkit plan`'s step-time model against every candidate of a plan, trained side by side on this
+# CPU (one process, one thread): results/plan-cpu/, which calibrates the model's CPU constants.
+plan-check: install
+	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.plancheck --dataset $(SHARED_ALPACA) \
+		--output_dir outputs/plan-check --results_dir results/plan-cpu
 
 # CUDA only, ~6 min on an H200, every section in its own process under its own time limit:
 # precision, memory (7B shape vs the planner), throughput (vs peers, bf16), liger, qlora, engines.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -200,6 +201,46 @@ def test_loss_phase_matches_the_live_tensors_of_a_32k_vocabulary_step(
     assert vocab_buffers > 0.9 * meter.peak
     # within 0.1 % (measured 0.03-0.07 %): the blocks' small terms, not the loss phase
     assert predicted.activations == pytest.approx(meter.peak, rel=1e-3)
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_a_quantized_base_keeps_embeddings_head_and_norms_in_fp32(quantization, tmp_path):
+    # ftkit loads an 8/4-bit base through peft.prepare_model_for_kbit_training, which upcasts
+    # every parameter bitsandbytes does not hold to fp32; the planner counts them at 4 bytes.
+    pytest.importorskip("bitsandbytes")
+    from ftkit.config import ModelConfig
+    from ftkit.lab.planner import NF4_BYTES, Arch
+    from ftkit.modeling import load_base_model
+
+    cfg = tiny_llama()
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model = load_base_model(
+        ModelConfig(
+            model_name_or_path=str(tmp_path),
+            model_dtype="bf16",
+            load_in_8bit=quantization == "8bit",
+            load_in_4bit=quantization == "4bit",
+        )
+    )
+    a = Arch.from_config(cfg)
+    linear = a.layers * a.block_linear_weights
+    outer = a.layers * a.block_params + a.embedding_params + a.outer_norm_params - linear
+    by_dtype: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel() * p.element_size()
+    assert by_dtype.pop(torch.float32) == 4 * outer
+    assert (
+        by_dtype == {torch.int8: linear} if quantization == "8bit" else {torch.uint8: linear // 2}
+    )
+    planned = estimate(cfg, TrainingPlan(lora_r=None, precision="bf16"))  # no adapter bytes
+    lora = estimate(cfg, TrainingPlan(lora_r=4, precision="bf16", quantization=quantization))
+    stored = (
+        linear + a.layers * sum(lin.d_out * 4 for lin in a.linears)  # int8 + row scales
+        if quantization == "8bit"
+        else math.ceil(linear * NF4_BYTES)  # packed NF4 + block statistics
+    )
+    assert lora.params == stored + 4 * outer + 4 * lora.trainable_params
+    assert planned.total_params == outer + linear
 
 
 def test_tensor_bytes_before_backward_counts_what_backward_will_allocate():

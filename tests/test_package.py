@@ -154,6 +154,7 @@ def test_ftkit_help_lists_every_subcommand(capsys, monkeypatch):
         "merge",
         "evaluate",
         "estimate",
+        "plan",
         "compare",
         "ablation",
         "bench",
@@ -177,7 +178,8 @@ def test_each_subcommand_has_help_and_one_error_line_for_a_bad_flag(command, cap
     assert f"ftkit {command}" in capsys.readouterr().out
     required = {"generate": ["--adapter_dir", "x", "--instruction", "Hi."],
                 "merge": ["--adapter_dir", "x", "--output_dir", "y"],
-                "evaluate": ["--adapter_dir", "x"]}.get(command, [])  # fmt: skip
+                "evaluate": ["--adapter_dir", "x"],
+                "plan": ["--gpus", "T4"]}.get(command, [])  # fmt: skip
     assert main([command, *required, "--no_such_flag", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ftkit error: "), err
@@ -188,7 +190,7 @@ def test_unknown_subcommand_is_one_error_line(capsys):
     assert main(["trian"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "ftkit error: unknown command 'trian'; one of: "
-        "train, launch, generate, merge, evaluate, estimate, compare, ablation, bench"
+        "train, launch, generate, merge, evaluate, estimate, plan, compare, ablation, bench"
     ]
 
 

@@ -3,7 +3,7 @@
     ftkit train [--config NAME|PATH] [--field value ...]   fine-tune (the recipe's flags)
     ftkit launch [TRAIN FLAGS] -- [ACCELERATE FLAGS]       the same under `accelerate launch`
     ftkit generate | merge | evaluate                      use a trained adapter
-    ftkit estimate | compare | ablation | bench            the measurement lab
+    ftkit estimate | plan | compare | ablation | bench     the measurement lab
 
 Each subcommand imports what it needs only once its arguments are valid, so a bad flag fails
 fast, before torch, peft or bitsandbytes load. Tracebacks are kept for bugs.
@@ -130,7 +130,8 @@ def evaluate(argv: list[str]) -> None:
 
 
 def estimate(argv: list[str]) -> None:
-    from ftkit.lab.planner import DEVICES, GPUS, STRATEGIES, TrainingPlan
+    from ftkit.lab.gpus import ALIASES, GPUS
+    from ftkit.lab.planner import DEVICES, STRATEGIES, TrainingPlan
     from ftkit.lab.planner import estimate as plan_estimate
 
     parser = ArgParser(prog=_prog(), description="Predict per-device training memory by category.")
@@ -170,7 +171,10 @@ def estimate(argv: list[str]) -> None:
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     parser.add_argument("--device", choices=DEVICES, default="cuda")
     parser.add_argument(
-        "--gpu", action="append", choices=list(GPUS), help="GPU to judge against (repeatable)"
+        "--gpu",
+        action="append",
+        choices=[*GPUS, *ALIASES],
+        help="GPU to judge against (repeatable)",
     )
     parser.add_argument(
         "--paper", action="store_true", help="the course's settings beside published figures"
@@ -203,6 +207,100 @@ def estimate(argv: list[str]) -> None:
     print(result.table())
     for gpu in args.gpu or GPUS:
         print("  " + str(result.verdict(gpu)))
+
+
+def plan(argv: list[str]) -> None:
+    parser = ArgParser(
+        prog=_prog(),
+        description="Rank the recipes that fit COUNT x GPU by predicted step time; --write DIR "
+        "writes the fastest as DIR/recipe.yaml + DIR/accelerate.yaml for `ftkit launch`.",
+    )
+    parser.add_argument(
+        "--model", default="llama2-7b", help="preset name or a local directory with config.json"
+    )
+    parser.add_argument(
+        "--gpus", required=True,
+        help="COUNTxNAME: T4, L4, A10G, A100-40GB, A100-80GB, H100, H200 or a --gpu_spec name",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu_spec", action="append", default=[],
+        help="another GPU, NAME:MiB:TFLOPS:GBps[:bf16] (dense 16-bit TFLOPS; repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda",
+        help="cpu: plan one fp32 CPU process against a --gpu_spec budget (the planner's proof)",
+    )  # fmt: skip
+    parser.add_argument("--global_batch", type=int, default=32, help="sequences per step, all GPUs")
+    parser.add_argument("--seq_len", type=int, default=512, help="max_length of a sequence")
+    parser.add_argument(
+        "--dataset", default=None,
+        help="read real token lengths and supervised positions from it (needs a tokenizer); the "
+        "written recipe trains on it (default there: tatsu-lab/alpaca)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer dir for --dataset (default: --model's dir)"
+    )
+    parser.add_argument("--num_samples", type=int, default=0, help="read the first N records")
+    parser.add_argument(
+        "--skip_bad_records", action="store_true",
+        help="skip malformed records (and have the written recipe skip them too)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--supervised_fraction", type=float, default=1.0,
+        help="without --dataset: share of each sequence's positions that are supervised",
+    )  # fmt: skip
+    parser.add_argument("--lora_r", type=int, default=8)
+    parser.add_argument("--lora_targets", default=None, help="comma-separated module names")
+    parser.add_argument("--lora_dropout", type=float, default=0.05)
+    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument(
+        "--margin", type=float, default=0.10, help="share of each GPU's memory kept free"
+    )
+    parser.add_argument(
+        "--efficiency", type=float, default=None,
+        help="share of the dense rate a step gets (default 0.5 on GPUs, assumed)",
+    )  # fmt: skip
+    parser.add_argument("--link_GBps", type=float, default=None, help="GPU-to-GPU GB/s one way")
+    parser.add_argument("--top", type=int, default=10, help="rows of the ranked table")
+    parser.add_argument("--write", default=None, help="write recipe.yaml + accelerate.yaml here")
+    parser.add_argument(
+        "--output_dir", default=None, help="the written recipe's output_dir (default DIR/run)"
+    )
+    args = parser.parse_args(argv)
+    from ftkit.lab.plan import Method, hardware_from_flags, make_plan, workload_from_flags
+
+    hardware = hardware_from_flags(
+        args.gpus, args.gpu_spec, args.device, args.margin, args.efficiency, args.link_GBps
+    )
+    method = Method(
+        lora_r=None if args.full else args.lora_r,
+        lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets else None,
+        lora_dropout=args.lora_dropout,
+    )
+    workload = workload_from_flags(
+        args.model,
+        args.seq_len,
+        args.dataset,
+        args.tokenizer,
+        args.num_samples,
+        args.supervised_fraction,
+        args.skip_bad_records,
+    )
+    result = make_plan(args.model, hardware, workload, method, args.global_batch)
+    print(result.report(args.top))
+    if args.write:
+        import shlex
+
+        from ftkit.lab.plan import write_plan
+
+        recipe, accelerate = write_plan(
+            result,
+            args.write,
+            dataset=args.dataset,
+            output_dir=args.output_dir,
+            command=shlex.join([PROG, *_current, *argv]),
+        )
+        print(f"wrote {recipe} and {accelerate}")
 
 
 PARITY_ARGS = ["--max_steps", "20", "--lora_dropout", "0"]
@@ -281,6 +379,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
     "merge": (merge, "merge an adapter into its base: a standalone model"),
     "evaluate": (evaluate, "loss and perplexity, base vs fine-tuned, on held-out data"),
     "estimate": (estimate, "predict training memory per device, and which GPUs hold it"),
+    "plan": (plan, "the fastest recipe that fits COUNT x GPU, ranked; --write DIR to launch it"),
     "compare": (compare, "ftkit's own LoRA vs PEFT's on one recipe: a parity report"),
     "ablation": (ablation, "what GA, bf16, LoRA and GC each buy: the ablation grid"),
     "bench": (bench, "speed benchmark: ratios between cells of one run"),

@@ -329,6 +329,20 @@ class TrainConfig:
         default=False,
         metadata={"help": "Replace another run in output_dir (only the files ftkit wrote for it)."},
     )
+    planned_peak_bytes: int = field(
+        default=0,
+        metadata={
+            "help": "Written by `ftkit plan`: the per-device peak it predicted (0: no plan); "
+            "metrics.json's `plan` block puts it beside the measured peak."
+        },
+    )
+    planned_step_time_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "Written by `ftkit plan`: the step time it predicted (0: no plan), beside "
+            "the measured median step time in metrics.json's `plan` block."
+        },
+    )
     ddp_timeout: int = field(
         default=1800,
         metadata={
@@ -360,6 +374,10 @@ class TrainConfig:
         _require(self.save_total_limit >= 1, "save_total_limit must be >= 1")
         _require(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         _require(self.ddp_timeout >= 1, f"ddp_timeout must be >= 1 second, got {self.ddp_timeout}")
+        _require(
+            self.planned_peak_bytes >= 0 and self.planned_step_time_s >= 0,
+            "planned_peak_bytes and planned_step_time_s must be >= 0 (0: no plan)",
+        )
         if self.report_to != REPORT_TO_NONE:
             parse_report_to(self.report_to)  # imports accelerate: only when asked
         if self.push_to_hub or self.hub_model_id:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from ftkit.io import atomic_write_json, atomic_write_text
@@ -79,6 +80,23 @@ def plot_loss_curve(history: list[dict], metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plan_beside_measured(train_cfg, memory: dict, history: list[dict]) -> dict:
+    """``{"plan": ...}``: what ``ftkit plan`` predicted (the recipe's ``planned_*`` fields) beside
+    what the run measured, or ``{}`` for a run without a plan. The measured step time is the
+    median of the logged steps after the first (which pays one-off start-up costs)."""
+    if not (train_cfg.planned_peak_bytes or train_cfg.planned_step_time_s):
+        return {}
+    times = [row["step_time_s"] for row in history if "step_time_s" in row]
+    return {
+        "plan": {
+            "predicted_peak_bytes": train_cfg.planned_peak_bytes or None,
+            "measured_peak_bytes": memory.get("peak_bytes"),
+            "predicted_step_time_s": train_cfg.planned_step_time_s or None,
+            "measured_step_time_s": statistics.median(times[1:] or times) if times else None,
+        }
+    }
+
+
 def _mib(n_bytes) -> str:
     return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.1f} MiB"
 
@@ -105,6 +123,15 @@ def summary(metrics: dict, output_dir: Path) -> str:
             f"throughput: {speed['tokens_per_s']:.0f} tokens/s "
             f"({speed['supervised_tokens_per_s']:.0f} supervised)  batching: {speed['batching']}"
             f"  padding waste: {speed['padding_waste']:.2f}"
+        )
+    plan = metrics.get("plan")
+    if plan:
+        step = plan["measured_step_time_s"]
+        lines.append(
+            f"plan: peak {_mib(plan['predicted_peak_bytes'])} predicted, "
+            f"{_mib(plan['measured_peak_bytes'])} measured; step "
+            f"{plan['predicted_step_time_s'] or 0:.3g} s predicted, "
+            f"{'n/a' if step is None else f'{step:.3g} s'} measured (median)"
         )
     lines.append(f"techniques: {json.dumps(metrics['techniques'])}")
     lines.append(f"artefacts: {output_dir}")

@@ -64,6 +64,8 @@ NOT_IDENTITY = frozenset(
         "hub_private_repo",
         "ddp_timeout",  # how long to wait for a lost node, not what is computed
         "allow_beyond_context",  # permits a max_length (itself identity), computes nothing
+        "planned_peak_bytes",  # what `ftkit plan` predicted, not what is computed
+        "planned_step_time_s",
     }
 )
 

@@ -546,6 +546,7 @@ class Trainer:
             "memory": self.memory_figures(),
             "throughput": self.token_counts.figures(acc),
         }
+        metrics.update(reporting.plan_beside_measured(cfg, metrics["memory"], log.history))
         self.save_artifacts(metrics, log)
         if acc.is_main_process:
             print(reporting.summary(metrics, self.output_dir))

@@ -44,10 +44,11 @@ def _anchor_value(key: str) -> str:
     if key == "llama 4bit base":
         e = estimate("llama2-7b", TrainingPlan(precision="fp16", quantization="4bit"))
         adapters = e.trainable_params * 4
+        upcast = 2 * 2 * 32000 * 4096  # embeddings + head, fp16 -> fp32
         return (
-            f"{(e.params - adapters) / 1e6:,.0f} MB (NF4 linears, fp16 embeddings/norms; "
-            f"+{2 * 2 * 32000 * 4096 / 1e6:,.0f} MB if prepare_model_for_kbit_training "
-            "upcasts them to fp32)"
+            f"{(e.params - adapters) / 1e6:,.0f} MB (NF4 linears, embeddings/norms in fp32 as "
+            f"ftkit's prepare_model_for_kbit_training leaves them; "
+            f"{(e.params - adapters - upcast) / 1e6:,.0f} MB with them in fp16)"
         )
     if key == "llama weights":
         full32 = estimate("llama2-7b", TrainingPlan(lora_r=None, precision="fp32"))

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from ftkit.batching import padding_free_problem
 from ftkit.config import PRECISIONS
 from ftkit.errors import ConfigError
+from ftkit.lab.gpus import GPU, find_gpu
 from ftkit.lab.presets import resolve_config
 from ftkit.meter import GIB, MIB, cpu_has_native_bf16
 
@@ -29,7 +30,7 @@ BLOOM_QV = "query_key_value:qv"
 # Bytes per quantized base weight.  LLM.int8: one int8 per weight plus one fp32 scale per output
 # row.  NF4 (QLoRA): 4 bits per weight, one 8-bit absmax per 64-weight block and, with double
 # quantization, one fp32 second-level scale per 256 blocks: 0.5 + 1/64 + 4/(64*256).
-_NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,9 @@ class TrainingPlan:
     ``zero2``/``zero3`` it is DeepSpeed's scheme instead: half weights and gradients, fp32 master
     copy inside the optimizer.  ``quantization`` (bitsandbytes, LoRA only) stores the decoder's
     linear weights in 8 or 4 (NF4, blocksize 64, double quant) bits; embeddings, ``lm_head`` and
-    norms stay in the precision's dtype.  ``peft.prepare_model_for_kbit_training`` would upcast
-    those to fp32; this planner does not assume it.  The optimizer is AdamW with two fp32
-    states per trainable parameter.  Gradients are freed after every optimizer step
+    norms are upcast to fp32 by ``peft.prepare_model_for_kbit_training``, which ftkit calls on a
+    quantized base (counted so here; the activations are not re-derived for it).  The optimizer
+    is AdamW with two fp32 states per trainable parameter.  Gradients are freed after every optimizer step
     (``zero_grad(set_to_none=True)``, as ftkit's Trainer does): without accumulation they do not
     exist yet in forward and only partly in backward; with ``gradient_accumulation_steps`` > 1
     (and under DeepSpeed, whose gradient buffers persist) they are alive throughout the step.
@@ -163,8 +164,8 @@ class _Linear:
 
 
 @dataclass(frozen=True)
-class _Arch:
-    """The shape facts memory depends on, read once from a transformers config."""
+class Arch:
+    """The shape facts memory and step time depend on, read once from a transformers config."""
 
     kind: str
     hidden: int
@@ -183,7 +184,7 @@ class _Arch:
     default_targets: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, cfg: PretrainedConfig) -> _Arch:
+    def from_config(cls, cfg: PretrainedConfig) -> Arch:
         kind = getattr(cfg, "model_type", None)
         h, v = cfg.hidden_size, cfg.vocab_size
         tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -342,7 +343,7 @@ class _Regime:
         return 4 if self.resid == 4 or (self.autocast and self.cuda) else 2
 
 
-def _llama_layer(a: _Arch, R: _Regime) -> int:
+def _llama_layer(a: Arch, R: _Regime) -> int:
     """Bytes per token one LLaMA decoder block keeps for backward (SDPA attention).
 
     Counted from what autograd saves in transformers' LlamaDecoderLayer and checked with
@@ -361,7 +362,7 @@ def _llama_layer(a: _Arch, R: _Regime) -> int:
     return 2 * rms + attn_in + sdpa + o_in + mlp_in + swiglu + down_in
 
 
-def _bloom_layer(a: _Arch, R: _Regime, seq: int) -> int:
+def _bloom_layer(a: Arch, R: _Regime, seq: int) -> int:
     """Bytes per token one BLOOM block keeps: eager ALiBi attention keeps s x s probabilities."""
     h = a.hidden
     ln_out = 4 if R.autocast and R.cuda else R.resid
@@ -375,7 +376,7 @@ def _bloom_layer(a: _Arch, R: _Regime, seq: int) -> int:
     return 2 * ln + qkv_in + attn + dense_in + mlp_in + gelu
 
 
-def _layer_backward_transient(a: _Arch, R: _Regime, seq: int) -> int:
+def _layer_backward_transient(a: Arch, R: _Regime, seq: int) -> int:
     """Gradient buffers alive while one block runs backward (per token), on top of what it keeps.
 
     SwiGLU backward holds grad(prod), grad(SiLU out), grad(up) and grad(gate) around the point
@@ -389,7 +390,7 @@ def _layer_backward_transient(a: _Arch, R: _Regime, seq: int) -> int:
     return inner + 3 * R.resid * a.hidden
 
 
-def _head(a: _Arch, R: _Regime) -> tuple[int, int]:
+def _head(a: Arch, R: _Regime) -> tuple[int, int]:
     """Bytes kept after the last block: (per token, per logit row).
 
     Per token: the final norm's saved tensors (BLOOM's embedding LayerNorm too, when the base
@@ -408,7 +409,7 @@ def _head(a: _Arch, R: _Regime) -> tuple[int, int]:
 
 
 def _activation_phases(
-    a: _Arch, plan: TrainingPlan, R: _Regime, opt_temp: int, quantized_weight: int
+    a: Arch, plan: TrainingPlan, R: _Regime, opt_temp: int, quantized_weight: int
 ) -> dict[str, int]:
     """Peak transient bytes of each phase of a step, on top of parameters, optimizer state and
     every gradient; :func:`estimate` then takes off the gradients a phase does not hold yet (see
@@ -476,19 +477,6 @@ def _activation_phases(
 # --------------------------------------------------------------------------- the estimate
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory: int  # bytes nvidia-smi reports as "Total"; the CUDA context is taken from it
-
-
-GPUS = {
-    "T4": GPU("T4 16GB", 15360 * MIB),
-    "A100-40GB": GPU("A100 40GB", 40960 * MIB),
-    "A100-80GB": GPU("A100 80GB", 81920 * MIB),
-    "H100-80GB": GPU("H100 80GB", 81559 * MIB),
-}
-
 # CUDA: PyTorch's context with lazy module loading plus cuBLAS workspaces (~0.5 GiB), the caching
 # allocator's slack over the allocated peak (~5 %), and NCCL buffers when several GPUs talk.
 # CPU: what the runtime allocates after imports (thread pools, oneDNN caches; library code pages
@@ -551,7 +539,7 @@ class MemoryEstimate:
         (LoRA only; small quality cost), then 2, 4 or 8 GPUs sharding everything with FSDP
         (more hardware).  A plan that fits nowhere on 8 GPUs gets no suggestion.
         """
-        gpu = _gpu(gpu)
+        gpu = find_gpu(gpu)
         if self.total <= gpu.memory:
             return Verdict(gpu, self, True, (), None)
         changes: tuple[str, ...] = ()
@@ -582,15 +570,6 @@ class Verdict:
             f"{head} GiB  does not fit; fits with {'; '.join(self.changes)} "
             f"({self.suggestion.total / GIB:.1f} GiB)"
         )
-
-
-def _gpu(gpu: str | GPU) -> GPU:
-    if isinstance(gpu, GPU):
-        return gpu
-    for key, value in GPUS.items():
-        if gpu.lower() in (key.lower(), value.name.lower()):
-            return value
-    raise ConfigError(f"unknown GPU {gpu!r}; valid: {', '.join(GPUS)}")
 
 
 def _cheaper_plans(plan: TrainingPlan):
@@ -634,7 +613,7 @@ def estimate(
     """
     cfg = resolve_config(model_config) if isinstance(model_config, str) else model_config
     plan = plan or TrainingPlan()
-    a = _Arch.from_config(cfg)
+    a = Arch.from_config(cfg)
     problem = padding_free_problem(cfg)
     if plan.padding_free and problem:
         raise ConfigError(problem)
@@ -668,11 +647,13 @@ def estimate(
         quantized = {
             None: weights * frozen_dtype,
             "8bit": weights + L * sum(lin.d_out * 4 for lin in a.linears),
-            "4bit": math.ceil(weights * _NF4_BYTES),
+            "4bit": math.ceil(weights * NF4_BYTES),
         }
+        # A quantized base's embeddings, head and norms are fp32 (prepare_model_for_kbit_training).
+        outer_dtype = 4 if plan.quantization else frozen_dtype
         param_bytes = (
             quantized[plan.quantization]
-            + (base_params - weights) * frozen_dtype
+            + (base_params - weights) * outer_dtype
             + lora_params * trained_dtype
         )
     grad_bytes = trainable * trained_dtype

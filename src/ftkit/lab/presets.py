@@ -76,3 +76,12 @@ def resolve_config(name_or_dir: str) -> PretrainedConfig:
         f"unknown model {name_or_dir!r}: not a preset ({', '.join(PRESETS)}) "
         "and not a local directory with a config.json"
     )
+
+
+# The Hub repository each preset's config.json was copied from: what a written recipe loads.
+HUB_IDS = {
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "bloom-1b7": "bigscience/bloom-1b7",
+    "bloom-7b1": "bigscience/bloom-7b1",
+}
