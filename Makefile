@@ -30,8 +30,8 @@ RECIPE_ARGS ?=
 SHARED_ALPACA := ../shared/data/alpaca_5000.json
 
 .PHONY: install demo test test-fast test-oldest lock lock-oldest train train-ddp lint format \
-	compare-lora bench bench-throughput bench-peers ablation planner-grid estimate plan-check gpu-check \
-	device-files clean
+	compare-lora bench bench-throughput bench-peers bench-data ablation planner-grid estimate plan-check \
+	gpu-check device-files clean
 
 install: $(VENV)/.installed
 
@@ -131,6 +131,16 @@ bench-peers: install
 	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.peers --dataset $(SHARED_ALPACA) \
 		--tokenizer ../shared/fixtures/llama2-tokenizer \
 		--output_dir outputs/peers --results_dir results/peers-$(if $(HAS_GPU),gpu,cpu) $(PEERS_ARGS)
+
+# Preprocessing at scale (docs/data.md): time to the first step and peak memory of `ftkit train`
+# for 5 k, 52 k and 500 k Alpaca records (made from the shared file under outputs/databench),
+# 1 and 2 processes, first and second start. Rows of older code, e.g. a worktree of it:
+#   make bench-data DATA_BENCH_ARGS="--label before --src ../old/src --runs 52000x1,52000x2"
+DATA_BENCH_ARGS ?=
+bench-data: install
+	HF_HUB_OFFLINE=1 $(PY) -m ftkit.lab.databench --dataset $(SHARED_ALPACA) \
+		--tokenizer ../shared/fixtures/llama2-tokenizer \
+		--output_dir outputs/databench --results_dir results/data-cpu $(DATA_BENCH_ARGS)
 
 planner-grid: install  # the planner vs measured peaks at a 32k vocabulary: results/planner-cpu
 	$(PY) -m ftkit ablation --grid planner-32k --jobs 2 --output_dir outputs/planner-32k \

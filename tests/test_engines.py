@@ -349,7 +349,7 @@ def test_trainer_refuses_full_fp16_finetune_before_loading(tiny_llama_dir, recor
 
     fake = SimpleNamespace(
         mixed_precision="fp16",
-        main_process_first=contextlib.nullcontext,
+        local_main_process_first=contextlib.nullcontext,
         distributed_type=None,
         device=torch.device("cpu"),
         num_processes=1,

@@ -8,6 +8,7 @@ renamed into place they get the modes a plain ``open``/``mkdir`` would give unde
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -17,10 +18,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a scratch directory beside ``target``; on success it replaces ``target`` in one rename.
 
     On any exception the scratch directory is deleted and ``target`` is left exactly as it was.
+    ``replace=False`` (a cache entry, whose content its name fixes): a ``target`` that exists by
+    then, written by a concurrent writer, is kept and the scratch directory dropped.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -30,7 +33,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         yield scratch
         umask_modes(scratch)
         _fsync_tree(scratch)
-        if target.exists():
+        if not replace:
+            _rename_unless_present(scratch, target)
+        elif target.exists():
             retired = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, retired)
             os.replace(scratch, target)
@@ -40,6 +45,15 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def _rename_unless_present(scratch: Path, target: Path) -> None:
+    try:
+        os.rename(scratch, target)  # fails on an existing non-empty dir: never two writers' files
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not target.is_dir():
+            raise
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

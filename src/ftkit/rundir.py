@@ -66,6 +66,7 @@ NOT_IDENTITY = frozenset(
         "allow_beyond_context",  # permits a max_length (itself identity), computes nothing
         "planned_peak_bytes",  # what `ftkit plan` predicted, not what is computed
         "planned_step_time_s",
+        "num_proc",  # how many processes tokenise: the same tokens (tests/test_data_scale.py)
     }
 )
 
@@ -578,22 +579,10 @@ def write_merge_marker(directory: Path) -> None:
 # -- the held-out split's identity -----------------------------------------------------------------
 
 
-def _digest(*datasets) -> str:
-    h = hashlib.sha256()
-    for dataset in datasets:
-        columns = dataset.select_columns(["input_ids", "labels"]).to_dict() if len(dataset) else {}
-        h.update(json.dumps(columns, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
 def split_identity(data) -> dict:
-    """Fingerprints of all the (tokenised) records and of the held-out ones, and their counts."""
-    return {
-        "data": _digest(data.train, data.eval),
-        "held_out": _digest(data.eval),
-        "train_records": len(data.train),
-        "held_out_records": len(data.eval),
-    }
+    """Fingerprints of all the (tokenised) records and of the held-out ones, and their counts
+    (``ftkit.data.split_identity``, computed once when the tokens are built)."""
+    return data.split_identity
 
 
 def check_split(run_dir, data, allow_changed: bool = False) -> None:

@@ -188,7 +188,9 @@ class Trainer:
         self.padding_free = batching.resolve_padding_free(recipe.data.padding_free, self.base_path)
         attention.resolve(recipe.model.attn_implementation, self.padding_free)  # before loading
         attention.reset_kernels_used()
-        with self.accelerator.main_process_first():
+        # The tokens are cached per machine ($FTKIT_HOME): each node's local main process
+        # builds them while the node's other processes wait, then those read the cache.
+        with self.accelerator.local_main_process_first():
             self.data: InstructionData = build_datasets(
                 recipe.data, self.tokenizer, recipe.train.seed
             )
