@@ -98,6 +98,14 @@ def alpaca_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def records(tmp_path_factory, alpaca_path) -> Path:
+    """16 real Alpaca records with short outputs (files may override it with their own set)."""
+    from helpers import write_records
+
+    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
+
+
+@pytest.fixture(scope="session")
 def llama2_tokenizer_dir() -> Path:
     if not (LLAMA2_TOKENIZER / "tokenizer.model").is_file():
         pytest.fail(f"shared fixture missing: {LLAMA2_TOKENIZER} (CI provides ../shared)")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_recipe, write_records
+from helpers import tiny_recipe
 
 from ftkit import batching, cli
 from ftkit.config import Recipe
@@ -16,11 +16,6 @@ from ftkit.train import Trainer
 
 VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 TOL = 1e-5  # fp32: max |difference| allowed on losses and LoRA gradients
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:

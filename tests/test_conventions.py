@@ -13,17 +13,12 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import yaml
-from helpers import REPO, tiny_recipe, write_records
+from helpers import REPO, tiny_recipe
 
 from ftkit import card, cli, embedded, tracking
 from ftkit.config import ConfigError, Recipe, parse_recipe
 from ftkit.reporting import METRICS_FINAL, METRICS_STEPS
 from ftkit.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def rows(output_dir):

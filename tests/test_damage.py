@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from conftest import _save_tiny, tiny_llama_config
-from helpers import REPO, tiny_recipe, write_records
+from helpers import REPO, tiny_recipe
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
@@ -40,11 +40,6 @@ from ftkit.train import Trainer
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 COMMON = dict(max_steps=2, save_steps=1, save_total_limit=5)
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 @pytest.fixture(scope="module")

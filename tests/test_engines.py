@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, accelerate_launch, run_python, tiny_recipe, write_records
+from helpers import REPO, accelerate_launch, run_python, tiny_recipe
 from safetensors.torch import load_file
 
 from ftkit import engines
@@ -42,11 +42,6 @@ COMMON = {
     "max_grad_norm": 0.05,
 }
 LAUNCH_TIMEOUT = 300  # one 2-process launch takes 10-20 s here (the first one ~40 s: shm op build)
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def recipe_args(values: dict) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_bloom_config, tiny_llama_config
-from helpers import run_python, tiny_recipe, write_records
+from helpers import run_python, tiny_recipe
 from torch import nn
 from transformers import AutoModelForCausalLM, BloomForCausalLM, LlamaForCausalLM
 
@@ -55,11 +55,6 @@ class Run:
     out: Path
     base: Path
     logits: torch.Tensor
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_recipe, write_records
+from helpers import tiny_recipe
 from test_batching import TOL, assert_same, window_results
 
 from ftkit import cli, metrics
@@ -13,11 +13,6 @@ from ftkit.data import IGNORE_INDEX
 from ftkit.errors import ConfigError
 from ftkit.metrics import supervised_positions
 from ftkit.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 @pytest.mark.parametrize("padding_free", ["false", "true"], ids=["padded", "padding-free"])

@@ -20,11 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
-
-
-@pytest.fixture(scope="module")
 def run(tiny_llama_dir, records, tmp_path_factory):
     """One finished tiny run (its adapter dir sits in a parent that holds nothing else)."""
     out = tmp_path_factory.mktemp("runs") / "run"

@@ -22,7 +22,6 @@ from helpers import (
     run_python,
     start_launch,
     tiny_recipe,
-    write_records,
 )
 from safetensors.torch import load_file
 
@@ -276,11 +275,6 @@ def test_the_run_lock_is_held_by_one_process_and_dropped_when_it_dies(tmp_path):
 
 
 # -- extending a finished run ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def lrs(out: Path) -> dict[int, float]:

@@ -7,18 +7,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from helpers import REPO, accelerate_launch, tiny_recipe, write_records
+from helpers import REPO, accelerate_launch, tiny_recipe
 
 from ftkit import checkpoint
 from ftkit.config import AdapterConfig, ModelConfig
 from ftkit.errors import ModelError
 from ftkit.modeling import apply_adapter, enable_gradient_checkpointing, load_base_model
 from ftkit.train import Trainer, TrainingDivergedError
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def lora_grads(model) -> dict[str, torch.Tensor]:

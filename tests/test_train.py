@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO, accelerate_launch, run_python, tiny_recipe, write_records
+from helpers import REPO, accelerate_launch, run_python, tiny_recipe
 
 from ftkit.config import ConfigError
 from ftkit.errors import ModelError
@@ -14,11 +14,6 @@ from ftkit.modeling import resolve_mixed_precision
 from ftkit.train import Trainer
 
 PROBE = "Below is an instruction that describes a task.\n\n### Instruction:\nName a colour.\n\n"
-
-
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, alpaca_path):
-    return write_records(tmp_path_factory.mktemp("data") / "alpaca16.json", 16, alpaca_path)
 
 
 def probe_logits(model, tokenizer) -> torch.Tensor:
